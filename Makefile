@@ -1,0 +1,26 @@
+# Two commands on a fresh machine:
+#   make demo   installs everything into ./.venv and runs the embedded default job
+#   make test   runs the full test suite (installing first if needed)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -c requirements.txt setuptools wheel ninja torch torchvision
+	MMCV_WITH_OPS=1 $(PIP) install --no-build-isolation -c requirements.txt mmcv
+	$(PIP) install -r requirements.txt
+	$(PIP) install --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m classification.model_table
+
+test: setup
+	$(PY) -m pytest tests

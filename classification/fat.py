@@ -1,0 +1,532 @@
+"""FAT: Fully Adaptive Transformer, built on Fully Adaptive Self-Attention (FASA).
+
+Paper: `Lightweight Vision Transformer with Bidirectional Interaction` (NeurIPS 2023),
+https://arxiv.org/abs/2306.00396
+
+This is the authors' model, operation for operation; the golden data produced by their released code
+(float64 logits of a perturbed FAT-B0) is reproduced to < 1e-6 relative error. Two things differ in form,
+never in result:
+
+* Module names are timm's (``stem``, ``stages.i.downsample`` / ``stages.i.blocks.j``, ``norm_pre``,
+  ``head.fc``); ``checkpoint_filter_fn`` maps the authors' names onto them.
+* The authors end stages 1-3 with a downsampling block. Here that block opens the next stage as its
+  ``downsample``, so every stage output is a pyramid level taken where its resolution has had the most
+  processing: stride 4 is the input of the authors' first downsampling block, ..., stride 32 the output
+  of the last stage.
+
+The interaction of FASA's two branches follows the released code, ``proj(local * sigmoid(g) * g)``, not
+the symmetric two-way gate of the paper's prose (see the README).
+"""
+import logging
+import re
+from collections import OrderedDict
+from functools import partial
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import ClassifierHead, DropPath, GroupNorm1, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq, named_apply
+
+from .checkpoint_io import load_checkpoint_file, unwrap_state_dict
+
+__all__ = ['FAT', 'checkpoint_filter_fn']
+
+_logger = logging.getLogger(__name__)
+
+
+def _dwconv(dim: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(dim, dim, kernel_size, stride=stride, padding=kernel_size // 2, groups=dim)
+
+
+def _conv_bn_relu(in_dim: int, out_dim: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(OrderedDict(
+        conv=nn.Conv2d(in_dim, out_dim, 3, stride=stride, padding=1),
+        bn=nn.BatchNorm2d(out_dim),
+        act=nn.ReLU(inplace=True),
+    ))
+
+
+class Stem(nn.Sequential):
+    """Four conv3x3-BN-ReLU (strides 2, 2, 1, 1), a 1x1 projection and GroupNorm: stride 4."""
+
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__(OrderedDict(
+            conv1=_conv_bn_relu(in_chans, dim // 2, stride=2),
+            conv2=_conv_bn_relu(dim // 2, dim, stride=2),
+            conv3=_conv_bn_relu(dim, dim, stride=1),
+            conv4=_conv_bn_relu(dim, dim, stride=1),
+            proj=nn.Conv2d(dim, dim, 1),
+            norm=GroupNorm1(dim),
+        ))
+
+
+class RefinedDownsample(nn.Sequential):
+    """FASA's key/value downsampling by ``window_size`` = 2^n.
+
+    n times a depthwise 5x5 stride-2 conv followed by BatchNorm, with a 1x1 conv between consecutive
+    ones. A window of 1 keeps full resolution (no modules at all).
+    """
+
+    def __init__(self, dim: int, window_size: int):
+        num_halvings = window_size.bit_length() - 1
+        if window_size < 1 or 2 ** num_halvings != window_size:
+            raise ValueError(f'window_size must be a power of two, got {window_size}')
+        layers = OrderedDict()
+        for i in range(num_halvings):
+            layers[f'conv{i}'] = _dwconv(dim, 5, stride=2)
+            layers[f'bn{i}'] = nn.BatchNorm2d(dim)
+            if i < num_halvings - 1:
+                layers[f'linear{i}'] = nn.Conv2d(dim, dim, 1)
+        super().__init__(layers)
+
+
+class FASA(nn.Module):
+    """Fully Adaptive Self-Attention.
+
+    A global branch (multi-head attention of full-resolution queries over refined-downsampled keys and
+    values) and a local branch (a depthwise conv of the queries, self-modulated by its own sigmoid),
+    combined multiplicatively and projected by a 1x1 conv.
+    """
+
+    def __init__(self, dim: int, num_heads: int, kernel_size: int, window_size: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Conv2d(dim, dim, 1)
+        self.kv_downsample = RefinedDownsample(dim, window_size)
+        self.kv = nn.Conv2d(dim, 2 * dim, 1)
+        self.local_mixer = _dwconv(dim, kernel_size)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, dim, height, width = x.shape
+        q = self.q(x)
+        local = F.silu(self.local_mixer(q))
+
+        kv = self.kv(self.kv_downsample(x)).reshape(batch, 2, self.num_heads, self.head_dim, -1)
+        k, v = kv.transpose(-1, -2).unbind(1)
+        q = q.reshape(batch, self.num_heads, self.head_dim, height * width).transpose(-1, -2)
+        glob = F.scaled_dot_product_attention(q, k, v)
+        glob = glob.transpose(-1, -2).reshape(batch, dim, height, width)
+        return self.proj(local * F.silu(glob))
+
+
+class ConvFFN(nn.Module):
+    """1x1 expansion, GELU, depthwise conv (residual at stride 1), BatchNorm, 1x1 projection."""
+
+    def __init__(self, dim: int, out_dim: int, hidden_dim: int, kernel_size: int, stride: int = 1):
+        super().__init__()
+        self.stride = stride
+        self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
+        self.act = nn.GELU()
+        self.dwconv = _dwconv(hidden_dim, kernel_size, stride=stride)
+        self.bn = nn.BatchNorm2d(hidden_dim)
+        self.fc2 = nn.Conv2d(hidden_dim, out_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.fc1(x))
+        x = x + self.dwconv(x) if self.stride == 1 else self.dwconv(x)
+        return self.fc2(self.bn(x))
+
+
+class FATBlock(nn.Module):
+    """Conditional position encoding, FASA and ConvFFN, each residual.
+
+    With ``stride=2`` the block halves the resolution and widens to ``out_dim``: its FFN downsamples and
+    its shortcut is a depthwise 5x5 stride-2 conv, BatchNorm and a 1x1 conv.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            kernel_size: int,
+            window_size: int,
+            out_dim: Optional[int] = None,
+            stride: int = 1,
+            mlp_ratio: float = 4.,
+            ffn_kernel_size: int = 5,
+            drop_path: float = 0.,
+    ):
+        super().__init__()
+        out_dim = out_dim or dim
+        if stride == 1 and out_dim != dim:
+            raise ValueError('a block that changes width must downsample (stride=2)')
+        self.cpe = _dwconv(dim, kernel_size)
+        self.norm1 = GroupNorm1(dim)
+        self.attn = FASA(dim, num_heads, kernel_size, window_size)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = GroupNorm1(dim)
+        self.ffn = ConvFFN(dim, out_dim, int(dim * mlp_ratio), ffn_kernel_size, stride=stride)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        if stride == 1:
+            self.shortcut = nn.Identity()
+        else:
+            self.shortcut = nn.Sequential(
+                _dwconv(dim, 5, stride=stride),
+                nn.BatchNorm2d(dim),
+                nn.Conv2d(dim, out_dim, 1),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.cpe(x)
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return self.shortcut(x) + self.drop_path2(self.ffn(self.norm2(x)))
+
+
+class FATStage(nn.Module):
+    def __init__(self, downsample: Optional[FATBlock], blocks: List[FATBlock]):
+        super().__init__()
+        self.downsample = downsample or nn.Identity()
+        self.blocks = nn.Sequential(*blocks)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+class FAT(nn.Module):
+    """FAT backbone and classifier.
+
+    Args:
+        in_chans: input image channels.
+        num_classes: classifier outputs (0 for no classifier).
+        global_pool: timm pooling type of the head.
+        embed_dims: widths C0..C3 of the four stages.
+        depths: blocks per stage as the authors count them (the downsampling block included).
+        num_heads: attention heads per stage.
+        kernel_sizes: CPE and local-branch kernel per stage.
+        window_sizes: FASA key/value downsampling per stage (powers of two).
+        mlp_ratio: ConvFFN expansion.
+        ffn_kernel_size: ConvFFN depthwise kernel.
+        drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth, linear in block order up to this value.
+    """
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dims: Sequence[int] = (32, 80, 160, 256),
+            depths: Sequence[int] = (2, 2, 6, 2),
+            num_heads: Sequence[int] = (2, 5, 10, 16),
+            kernel_sizes: Sequence[int] = (3, 5, 7, 9),
+            window_sizes: Sequence[int] = (8, 4, 2, 1),
+            mlp_ratio: float = 4.,
+            ffn_kernel_size: int = 5,
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+    ):
+        super().__init__()
+        num_stages = len(embed_dims)
+        if not all(len(arg) == num_stages for arg in (depths, num_heads, kernel_sizes, window_sizes)):
+            raise ValueError('embed_dims, depths, num_heads, kernel_sizes and window_sizes need one entry per stage')
+        if any(depth < 2 for depth in depths[:-1]) or depths[-1] < 1:
+            raise ValueError(f'depths {tuple(depths)}: stages 1-3 need >= 2 blocks (one downsamples), the last >= 1')
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.drop_rate = drop_rate
+        self.stem = Stem(in_chans, embed_dims[0])
+
+        drop_path_rates = iter(torch.linspace(0, drop_path_rate, sum(depths)).tolist())
+
+        def block(stage: int, **kwargs) -> FATBlock:
+            return FATBlock(
+                embed_dims[stage], num_heads[stage], kernel_sizes[stage], window_sizes[stage],
+                mlp_ratio=mlp_ratio, ffn_kernel_size=ffn_kernel_size, drop_path=next(drop_path_rates), **kwargs)
+
+        stages = []
+        self.feature_info = []
+        for i in range(num_stages):
+            # the authors' stage i-1 ends with the block that brings the features to this resolution
+            downsample = block(i - 1, out_dim=embed_dims[i], stride=2) if i > 0 else None
+            num_blocks = depths[i] - 1 if i < num_stages - 1 else depths[i]
+            stages.append(FATStage(downsample, [block(i) for _ in range(num_blocks)]))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
+        self.stages = nn.Sequential(*stages)
+
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.norm_pre = GroupNorm1(self.num_features)
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+
+        named_apply(_init_weights, self)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict:
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^norm_pre', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+        if global_pool is not None:
+            self.global_pool = global_pool
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward that also returns the pyramid features (strides 4, 8, 16, 32).
+
+        Args:
+            x: input images.
+            indices: the last n stages if an int, all if None, else the stage indices to return.
+            norm: apply ``norm_pre`` to the last stage's feature.
+            stop_early: stop after the last requested stage.
+            output_fmt: only 'NCHW'.
+            intermediates_only: return only the features.
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last_index = len(self.stages) - 1
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+
+        intermediates = []
+        x = self.stem(x)
+        for index, stage in enumerate(stages):
+            x = stage(x)
+            if index in take_indices:
+                intermediates.append(self.norm_pre(x) if norm and index == last_index else x)
+        if intermediates_only:
+            return intermediates
+        if index == last_index:
+            x = self.norm_pre(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm or prune_end:
+            self.norm_pre = nn.Identity()
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.head = ClassifierHead(self.num_features, 0, pool_type='')
+            self.num_classes = 0
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm_pre(self.stages(self.stem(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str):
+        """Load a checkpoint in any supported format: the authors' training checkpoints (a dict with
+        ``model``, ``epoch``, ``max_accuracy`` and a yacs ``config``), this project's checkpoints, or a
+        plain state dict (.pth or .safetensors). Nothing is unpickled beyond tensors and plain data.
+
+        timm routes ``pretrained_cfg_overlay=dict(file=PATH, custom_load=True)`` here. A classifier of
+        another size than this model's is dropped, leaving the freshly initialised one.
+        """
+        state_dict = checkpoint_filter_fn(unwrap_state_dict(load_checkpoint_file(checkpoint_path)), self)
+        own_head = self.get_classifier().state_dict()
+        head_keys = [k for k in state_dict if k.startswith('head.fc.')]
+        if any(k[len('head.fc.'):] not in own_head
+               or own_head[k[len('head.fc.'):]].shape != state_dict[k].shape for k in head_keys):
+            _logger.info('%s: classifier of another size than this model\'s, keeping a fresh one', checkpoint_path)
+            for k in head_keys:
+                del state_dict[k]
+            missing, unexpected = self.load_state_dict(state_dict, strict=False)
+            if unexpected or any(not k.startswith('head.') for k in missing):
+                raise ValueError(f'{checkpoint_path}: missing keys {missing}, unexpected keys {unexpected}')
+        else:
+            self.load_state_dict(state_dict)
+        _logger.info('Loaded pretrained weights from %s', checkpoint_path)
+
+
+def _init_weights(module: nn.Module, name: str = ''):
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        trunc_normal_(module.weight, std=.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+# The authors' state-dict names, in order, and ours.
+_OFFICIAL_KEY_RENAMES = (
+    (r'^patch_embed\.conv(\d)\.conv\.0\.', r'stem.conv\1.conv.'),
+    (r'^patch_embed\.conv(\d)\.conv\.1\.', r'stem.conv\1.bn.'),
+    (r'^patch_embed\.conv5\.', 'stem.proj.'),
+    (r'^patch_embed\.layernorm\.', 'stem.norm.'),
+    (r'\.attn\.pool\.', '.attn.kv_downsample.'),
+    (r'\.attn\.mixer\.', '.attn.proj.'),
+    (r'\.downsample\.(\d)\.', r'.shortcut.\1.'),
+    (r'^norm\.', 'norm_pre.'),
+    (r'^head\.', 'head.fc.'),
+)
+
+
+def _official_block_index(model: FAT) -> Dict[Tuple[int, int], str]:
+    """Where each of the authors' ``layers.i.blocks.j`` lives in ``model``."""
+    index = {}
+    num_stages = len(model.stages)
+    for i, stage in enumerate(model.stages):
+        for j in range(len(stage.blocks)):
+            index[(i, j)] = f'stages.{i}.blocks.{j}'
+        if i + 1 < num_stages:
+            index[(i, len(stage.blocks))] = f'stages.{i + 1}.downsample'
+    return index
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: FAT) -> Dict[str, torch.Tensor]:
+    """Map a state dict onto ``model``: the authors' key names are renamed, this project's pass as they
+    are. Raises ValueError naming the first mismatch if the weights are of another FAT variant.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    if any(k.startswith('layers.') or k.startswith('patch_embed.') for k in state_dict):
+        block_index = _official_block_index(model)
+        renamed = {}
+        for key, value in state_dict.items():
+            match = re.match(r'^layers\.(\d+)\.blocks\.(\d+)\.', key)
+            if match:
+                location = block_index.get((int(match.group(1)), int(match.group(2))))
+                if location is None:
+                    raise ValueError(f'checkpoint has block {match.group(0)[:-1]}, which this FAT variant lacks: '
+                                     'it is of another variant')
+                key = f'{location}.{key[match.end():]}'
+            for pattern, replacement in _OFFICIAL_KEY_RENAMES:
+                key = re.sub(pattern, replacement, key)
+            renamed[key] = value
+        state_dict = renamed
+    _check_matches_architecture(state_dict, model)
+    return state_dict
+
+
+def _check_matches_architecture(state_dict: Dict[str, torch.Tensor], model: FAT):
+    expected = model.state_dict()
+    body = [k for k in expected if not k.startswith('head.')]
+    missing = [k for k in body if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected and not k.startswith('head.')]
+    mismatched = [k for k in body if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        details = []
+        if mismatched:
+            k = mismatched[0]
+            details.append(f'{len(mismatched)} shape mismatches, first {k}: checkpoint '
+                           f'{tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)}')
+        if missing:
+            details.append(f'{len(missing)} missing keys, first {missing[0]}')
+        if unexpected:
+            details.append(f'{len(unexpected)} unexpected keys, first {unexpected[0]}')
+        raise ValueError('checkpoint does not fit this FAT variant (is it of another variant?): '
+                         + '; '.join(details))
+
+
+def _create_fat(variant: str, pretrained: bool = False, **kwargs) -> FAT:
+    return build_model_with_cfg(
+        FAT, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs) -> Dict:
+    return {
+        'url': '',
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.conv1.conv', 'classifier': 'head.fc',
+        'paper_ids': 'arXiv:2306.00396', 'license': 'apache-2.0',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'fat_b0.in1k': _cfg(),
+    'fat_b1.in1k': _cfg(),
+    'fat_b2.in1k': _cfg(),
+    'fat_b3.in1k': _cfg(),
+    'fat_b3_st.in1k': _cfg(),
+    'fat_b4.in1k': _cfg(),
+    'fat_b5.in1k': _cfg(),
+})
+
+# b0-b3 are the authors' published configurations. b3_st, b4 and b5 were never released: their layouts
+# are inferred from the paper's sizes, their drop path rates are those of the Swin layouts they follow.
+
+@register_model
+def fat_b0(pretrained: bool = False, **kwargs) -> FAT:
+    model_args = dict(embed_dims=(32, 80, 160, 256), depths=(2, 2, 6, 2), num_heads=(2, 5, 10, 16), drop_path_rate=0.05)
+    return _create_fat('fat_b0', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def fat_b1(pretrained: bool = False, **kwargs) -> FAT:
+    model_args = dict(embed_dims=(48, 96, 192, 384), depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.1)
+    return _create_fat('fat_b1', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def fat_b2(pretrained: bool = False, **kwargs) -> FAT:
+    model_args = dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16), drop_path_rate=0.1)
+    return _create_fat('fat_b2', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def fat_b3(pretrained: bool = False, **kwargs) -> FAT:
+    model_args = dict(embed_dims=(64, 128, 256, 512), depths=(4, 4, 16, 4), num_heads=(2, 4, 8, 16), drop_path_rate=0.15)
+    return _create_fat('fat_b3', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def fat_b3_st(pretrained: bool = False, **kwargs) -> FAT:
+    model_args = dict(embed_dims=(96, 192, 384, 768), depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2)
+    return _create_fat('fat_b3_st', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def fat_b4(pretrained: bool = False, **kwargs) -> FAT:
+    model_args = dict(embed_dims=(96, 192, 384, 768), depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3)
+    return _create_fat('fat_b4', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def fat_b5(pretrained: bool = False, **kwargs) -> FAT:
+    model_args = dict(embed_dims=(128, 256, 512, 1024), depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5)
+    return _create_fat('fat_b5', pretrained=pretrained, **dict(model_args, **kwargs))
