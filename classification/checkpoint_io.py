@@ -18,7 +18,11 @@ from typing import Any, Dict, Mapping
 
 import torch
 
-__all__ = ['UnsafeCheckpointError', 'load_checkpoint_file', 'unwrap_state_dict']
+__all__ = ['CheckpointError', 'UnsafeCheckpointError', 'load_checkpoint_file', 'unwrap_state_dict']
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or does not fit the model it is loaded into."""
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -77,7 +81,7 @@ def load_checkpoint_file(path: str, map_location: Any = 'cpu') -> Any:
         FileNotFoundError: no such file.
         UnsafeCheckpointError: the file references code (a class or function other than tensors,
             containers and yacs configs).
-        ValueError: the file is not a readable checkpoint.
+        CheckpointError: the file is not a readable checkpoint.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -90,14 +94,14 @@ def load_checkpoint_file(path: str, map_location: Any = 'cpu') -> Any:
     except pickle.UnpicklingError:
         pass  # it references globals beyond weights_only's; the restricted unpickler decides
     except Exception as error:
-        raise ValueError(f'{path} is not a readable PyTorch checkpoint: {error}') from error
+        raise CheckpointError(f'{path} is not a readable PyTorch checkpoint: {error}') from error
     try:
         checkpoint = torch.load(path, map_location=map_location, pickle_module=_restricted_pickle,
                                 weights_only=False)
     except UnsafeCheckpointError as error:
         raise UnsafeCheckpointError(f'{path}: {error}') from None
     except Exception as error:
-        raise ValueError(f'{path} is not a readable PyTorch checkpoint: {error}') from error
+        raise CheckpointError(f'{path} is not a readable PyTorch checkpoint: {error}') from error
     return _to_plain(checkpoint)
 
 
@@ -106,7 +110,7 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     checkpoint, itself if it is a state dict; a DistributedDataParallel ``module.`` prefix is removed.
     """
     if not isinstance(checkpoint, Mapping):
-        raise ValueError(f'expected a checkpoint dict, got {type(checkpoint).__name__}')
+        raise CheckpointError(f'expected a checkpoint dict, got {type(checkpoint).__name__}')
     for key in ('model', 'state_dict'):
         if isinstance(checkpoint.get(key), Mapping):
             checkpoint = checkpoint[key]
@@ -114,6 +118,6 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     state_dict = {}
     for key, value in checkpoint.items():
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f'not a state dict: entry {key!r} is a {type(value).__name__}, not a tensor')
+            raise CheckpointError(f'not a state dict: entry {key!r} is a {type(value).__name__}, not a tensor')
         state_dict[key[len('module.'):] if key.startswith('module.') else key] = value
     return state_dict

@@ -33,7 +33,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq, named_apply
 
-from .checkpoint_io import load_checkpoint_file, unwrap_state_dict
+from .checkpoint_io import CheckpointError, load_checkpoint_file, unwrap_state_dict
 
 __all__ = ['FAT', 'checkpoint_filter_fn']
 
@@ -373,7 +373,7 @@ class FAT(nn.Module):
                 del state_dict[k]
             missing, unexpected = self.load_state_dict(state_dict, strict=False)
             if unexpected or any(not k.startswith('head.') for k in missing):
-                raise ValueError(f'{checkpoint_path}: missing keys {missing}, unexpected keys {unexpected}')
+                raise CheckpointError(f'{checkpoint_path}: missing keys {missing}, unexpected keys {unexpected}')
         else:
             self.load_state_dict(state_dict)
         _logger.info('Loaded pretrained weights from %s', checkpoint_path)
@@ -414,7 +414,7 @@ def _official_block_index(model: FAT) -> Dict[Tuple[int, int], str]:
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: FAT) -> Dict[str, torch.Tensor]:
     """Map a state dict onto ``model``: the authors' key names are renamed, this project's pass as they
-    are. Raises ValueError naming the first mismatch if the weights are of another FAT variant.
+    are. Raises CheckpointError naming the first mismatch if the weights are of another FAT variant.
     """
     state_dict = unwrap_state_dict(state_dict)
     if any(k.startswith('layers.') or k.startswith('patch_embed.') for k in state_dict):
@@ -425,7 +425,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: FAT) -> Dic
             if match:
                 location = block_index.get((int(match.group(1)), int(match.group(2))))
                 if location is None:
-                    raise ValueError(f'checkpoint has block {match.group(0)[:-1]}, which this FAT variant lacks: '
+                    raise CheckpointError(f'checkpoint has block {match.group(0)[:-1]}, which this FAT variant lacks: '
                                      'it is of another variant')
                 key = f'{location}.{key[match.end():]}'
             for pattern, replacement in _OFFICIAL_KEY_RENAMES:
@@ -452,7 +452,7 @@ def _check_matches_architecture(state_dict: Dict[str, torch.Tensor], model: FAT)
             details.append(f'{len(missing)} missing keys, first {missing[0]}')
         if unexpected:
             details.append(f'{len(unexpected)} unexpected keys, first {unexpected[0]}')
-        raise ValueError('checkpoint does not fit this FAT variant (is it of another variant?): '
+        raise CheckpointError('checkpoint does not fit this FAT variant (is it of another variant?): '
                          + '; '.join(details))
 
 

@@ -1,0 +1,162 @@
+"""Training configuration: the authors' yacs schema, with their ImageNet recipe as the defaults.
+
+A config file states only what differs from these defaults; ``--opts KEY VALUE ...`` overrides any key.
+Learning rates are given per 512 images and scaled linearly with the global batch
+(per-GPU batch x GPUs x accumulation steps).
+"""
+import os
+from typing import Optional, Sequence
+
+import timm
+import yaml
+from yacs.config import CfgNode as CN
+
+_C = CN()
+_C.BASE = ['']
+
+_C.DATA = CN()
+_C.DATA.BATCH_SIZE = 128  # per process
+_C.DATA.DATA_PATH = ''
+# 'imagefolder': DATA_PATH holds train/ and val/ class folders
+# 'synthetic_shapes': the same layout, generated into DATA_PATH on first use (the demo)
+_C.DATA.DATASET = 'imagefolder'
+_C.DATA.IMG_SIZE = 224
+_C.DATA.INTERPOLATION = 'bicubic'
+_C.DATA.PIN_MEMORY = True
+_C.DATA.NUM_WORKERS = 8
+
+_C.MODEL = CN()
+_C.MODEL.TYPE = 'fat'
+_C.MODEL.NAME = 'fat_b0'
+_C.MODEL.PRETRAINED = ''  # weights to start from (any format classification.fat reads)
+_C.MODEL.RESUME = ''
+_C.MODEL.NUM_CLASSES = 1000
+_C.MODEL.DROP_RATE = 0.0
+_C.MODEL.DROP_PATH_RATE = 0.05
+_C.MODEL.LABEL_SMOOTHING = 0.1
+
+_C.TRAIN = CN()
+_C.TRAIN.START_EPOCH = 0
+_C.TRAIN.EPOCHS = 300
+_C.TRAIN.WARMUP_EPOCHS = 20
+_C.TRAIN.WEIGHT_DECAY = 0.05
+_C.TRAIN.BASE_LR = 5e-4
+_C.TRAIN.WARMUP_LR = 5e-7
+_C.TRAIN.MIN_LR = 5e-6
+_C.TRAIN.CLIP_GRAD = 5.0  # 0 disables clipping
+_C.TRAIN.AUTO_RESUME = True
+_C.TRAIN.ACCUMULATION_STEPS = 1
+_C.TRAIN.USE_CHECKPOINT = False  # gradient checkpointing
+_C.TRAIN.CHANNELS_LAST = False
+_C.TRAIN.COMPILE = False
+
+_C.TRAIN.LR_SCHEDULER = CN()
+_C.TRAIN.LR_SCHEDULER.NAME = 'cosine'
+
+_C.TRAIN.OPTIMIZER = CN()
+_C.TRAIN.OPTIMIZER.NAME = 'adamw'
+_C.TRAIN.OPTIMIZER.EPS = 1e-8
+_C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
+_C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
+
+_C.TRAIN.EMA = CN()
+_C.TRAIN.EMA.ENABLED = False
+_C.TRAIN.EMA.DECAY = 0.9998
+
+_C.AUG = CN()
+_C.AUG.SCALE = (0.08, 1.0)  # area range of the random resized crop
+_C.AUG.COLOR_JITTER = 0.4
+_C.AUG.AUTO_AUGMENT = 'rand-m9-mstd0.5-inc1'  # 'none' disables it
+_C.AUG.REPROB = 0.25
+_C.AUG.REMODE = 'pixel'
+_C.AUG.RECOUNT = 1
+_C.AUG.MIXUP = 0.8
+_C.AUG.CUTMIX = 1.0
+_C.AUG.CUTMIX_MINMAX = None
+_C.AUG.MIXUP_PROB = 1.0
+_C.AUG.MIXUP_SWITCH_PROB = 0.5
+_C.AUG.MIXUP_MODE = 'batch'
+
+_C.TEST = CN()
+_C.TEST.CROP = True  # resize to IMG_SIZE / 0.875 and centre-crop IMG_SIZE; else resize to IMG_SIZE
+_C.TEST.CROP_PCT = 0.875
+
+# 'auto': bf16 on GPUs that support it, else fp16 with a GradScaler; off on the CPU
+_C.AMP = 'auto'
+_C.OUTPUT = 'output'
+_C.TAG = 'default'
+_C.SAVE_FREQ = 1
+_C.PRINT_FREQ = 10
+_C.SEED = 0
+_C.EVAL_MODE = False
+_C.THROUGHPUT_MODE = False
+
+AMP_CHOICES = ('auto', 'bf16', 'fp16', 'off')
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def get_defaults() -> CN:
+    return _C.clone()
+
+
+def _merge_file(config: CN, path: str):
+    if not os.path.isfile(path):
+        raise ConfigError(f'config file not found: {path}')
+    with open(path) as f:
+        content = yaml.safe_load(f) or {}
+    for base in content.get('BASE', ['']):
+        if base:
+            _merge_file(config, os.path.join(os.path.dirname(path), base))
+    try:
+        config.merge_from_file(path)
+    except (KeyError, ValueError) as error:
+        raise ConfigError(f'{path}: {_describe(error)}') from None
+
+
+def _describe(error: Exception) -> str:
+    # yacs names the offending key in its messages ("Non-existent config key: X", "Type mismatch ...")
+    return str(error.args[0]) if error.args else repr(error)
+
+
+def load_config(cfg_path: Optional[str] = None, opts: Sequence[str] = (), **overrides) -> CN:
+    """The defaults, merged with ``cfg_path``, ``opts`` (KEY VALUE pairs), then ``overrides`` whose
+    non-None values are set as given (``{'DATA.BATCH_SIZE': 64}``)."""
+    config = get_defaults()
+    config.defrost()
+    if cfg_path:
+        _merge_file(config, cfg_path)
+    if len(opts) % 2:
+        raise ConfigError(f'--opts takes KEY VALUE pairs, got an odd number of items: {list(opts)}')
+    try:
+        config.merge_from_list(list(opts))
+        config.merge_from_list([item for key, value in overrides.items() if value is not None
+                                for item in (key, value)])
+    except (KeyError, ValueError, AssertionError) as error:
+        raise ConfigError(f'--opts: {_describe(error)}') from None
+    _validate(config)
+    config.freeze()
+    return config
+
+
+def _validate(config: CN):
+    if config.AMP not in AMP_CHOICES:
+        raise ConfigError(f'AMP must be one of {AMP_CHOICES}, got {config.AMP!r}')
+    if config.MODEL.TYPE != 'fat':
+        raise ConfigError(f"MODEL.TYPE must be 'fat', got {config.MODEL.TYPE!r}")
+    if config.MODEL.NAME not in timm.list_models('fat_*'):
+        raise ConfigError(f"MODEL.NAME must be one of {timm.list_models('fat_*')}, got {config.MODEL.NAME!r}")
+    if config.DATA.DATASET not in ('imagefolder', 'synthetic_shapes'):
+        raise ConfigError(f"DATA.DATASET must be 'imagefolder' or 'synthetic_shapes', got {config.DATA.DATASET!r}")
+    if config.TRAIN.LR_SCHEDULER.NAME != 'cosine':
+        raise ConfigError(f"TRAIN.LR_SCHEDULER.NAME: only 'cosine' is supported, got {config.TRAIN.LR_SCHEDULER.NAME!r}")
+    if not 0 <= config.TRAIN.WARMUP_EPOCHS < config.TRAIN.EPOCHS:
+        raise ConfigError(f'TRAIN.WARMUP_EPOCHS ({config.TRAIN.WARMUP_EPOCHS}) must be at least 0 and less than '
+                          f'TRAIN.EPOCHS ({config.TRAIN.EPOCHS})')
+    for key, value in (('DATA.BATCH_SIZE', config.DATA.BATCH_SIZE),
+                       ('TRAIN.ACCUMULATION_STEPS', config.TRAIN.ACCUMULATION_STEPS),
+                       ('TRAIN.EPOCHS', config.TRAIN.EPOCHS), ('SAVE_FREQ', config.SAVE_FREQ)):
+        if value < 1:
+            raise ConfigError(f'{key} must be >= 1, got {value}')

@@ -1,0 +1,605 @@
+"""Train and evaluate FAT on ImageNet-style data, on one process or many (torchrun, DDP).
+
+    python -m classification.train --cfg configs/classification/fat_b0.yaml --data-path /data/imagenet
+    torchrun --nproc_per_node 8 -m classification.train --cfg configs/classification/fat_b0.yaml \\
+        --data-path /data/imagenet --output output/fat_b0
+    python -m classification.train --cfg ... --data-path ... --eval --resume CHECKPOINT
+    python -m classification.train --cfg ... --throughput
+
+Everything the run writes goes to --output: ``log.txt``, TensorBoard events, ``latest.pth``, ``best.pth``,
+``ckpt_epoch_N.pth`` every SAVE_FREQ epochs and ``summary.json``. Restarted with the same --output, a run
+resumes from ``latest.pth`` (TRAIN.AUTO_RESUME).
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import logging
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+from yacs.config import CfgNode
+
+from .checkpoint_io import CheckpointError, UnsafeCheckpointError, load_checkpoint_file, unwrap_state_dict
+from .config import ConfigError, load_config
+from .data import DatasetError, build_datasets, build_train_loader, build_val_loader
+from .fat import checkpoint_filter_fn
+from .synthetic_shapes import ensure_synthetic_shapes
+
+_logger = logging.getLogger('classification.train')
+
+THROUGHPUT_BATCH = 64
+LR_REFERENCE_BATCH = 512
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+class Distributed:
+    """This process's place in the job; a single process when not started by torchrun."""
+
+    def __init__(self):
+        self.world_size = int(os.environ.get('WORLD_SIZE', 1))
+        self.rank = int(os.environ.get('RANK', 0))
+        self.local_rank = int(os.environ.get('LOCAL_RANK', 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device('cuda', self.local_rank)
+        else:
+            self.device = torch.device('cpu')
+        if self.enabled:
+            dist.init_process_group('nccl' if self.device.type == 'cuda' else 'gloo')
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.enabled:
+            dist.barrier()
+
+    def sum(self, values: Sequence[float]) -> torch.Tensor:
+        total = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.enabled:
+            dist.all_reduce(total)
+        return total
+
+    def close(self):
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description='Train or evaluate FAT', formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument('--cfg', required=True, metavar='FILE', help='yacs config file')
+    parser.add_argument('--data-path', help='dataset folder with train/ and val/ (DATA.DATA_PATH)')
+    parser.add_argument('--batch-size', type=int, help='images per process (DATA.BATCH_SIZE)')
+    parser.add_argument('--output', help='folder for checkpoints and logs (OUTPUT)')
+    parser.add_argument('--resume', metavar='CKPT', help='checkpoint to resume from or to evaluate (MODEL.RESUME)')
+    parser.add_argument('--eval', action='store_true', help='evaluate --resume CKPT and exit')
+    parser.add_argument('--throughput', action='store_true', help='measure inference img/s and exit')
+    parser.add_argument('--opts', nargs='+', default=[], metavar='KEY VALUE', help='config overrides, e.g. TRAIN.EPOCHS 2')
+    return parser.parse_args(argv)
+
+
+def setup_logging(output: str, distributed: Distributed):
+    """Rank 0 logs everything to the console and log.txt; other ranks log warnings (corrupt images) to both."""
+    level = logging.INFO if distributed.is_main else logging.WARNING
+    formatter = logging.Formatter(f'[%(asctime)s rank{distributed.rank}] %(message)s', '%Y-%m-%d %H:%M:%S')
+    handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(os.path.join(output, 'log.txt'))]
+    root = logging.getLogger()
+    root.handlers.clear()
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler.setLevel(level)
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+def resolve_amp(setting: str, device: torch.device) -> Optional[torch.dtype]:
+    if setting == 'off' or (setting == 'auto' and device.type != 'cuda'):
+        return None
+    if setting == 'auto':
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {'bf16': torch.bfloat16, 'fp16': torch.float16}[setting]
+
+
+def scaled_learning_rates(config: CfgNode, world_size: int) -> Dict[str, float]:
+    """Learning rates of the recipe (given per 512 images), scaled linearly with the global batch."""
+    scale = config.DATA.BATCH_SIZE * world_size * config.TRAIN.ACCUMULATION_STEPS / LR_REFERENCE_BATCH
+    return dict(lr=config.TRAIN.BASE_LR * scale, warmup_lr=config.TRAIN.WARMUP_LR * scale,
+                min_lr=config.TRAIN.MIN_LR * scale)
+
+
+def build_scheduler(config: CfgNode, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
+                    world_size: int) -> CosineLRScheduler:
+    """Per-step cosine schedule with linear warm-up, stepped with ``step_update(global_step)``."""
+    rates = scaled_learning_rates(config, world_size)
+    warmup_steps = config.TRAIN.WARMUP_EPOCHS * steps_per_epoch
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=(config.TRAIN.EPOCHS - config.TRAIN.WARMUP_EPOCHS) * steps_per_epoch,
+        lr_min=rates['min_lr'], warmup_lr_init=rates['warmup_lr'], warmup_t=warmup_steps,
+        warmup_prefix=True, cycle_limit=1, t_in_epochs=False)
+
+
+def build_optimizer(config: CfgNode, model: nn.Module, world_size: int, device: torch.device):
+    name = config.TRAIN.OPTIMIZER.NAME.lower()
+    if name == 'adamw':
+        extra = dict(eps=config.TRAIN.OPTIMIZER.EPS, betas=tuple(config.TRAIN.OPTIMIZER.BETAS),
+                     fused=device.type == 'cuda')
+    elif name == 'sgd':
+        extra = dict(momentum=config.TRAIN.OPTIMIZER.MOMENTUM, nesterov=True)
+    else:
+        raise ConfigError(f"TRAIN.OPTIMIZER.NAME must be 'adamw' or 'sgd', got {config.TRAIN.OPTIMIZER.NAME!r}")
+    # timm's factory puts norms and biases (1-D parameters) in a group without weight decay
+    return create_optimizer_v2(model, opt=name, lr=scaled_learning_rates(config, world_size)['lr'],
+                               weight_decay=config.TRAIN.WEIGHT_DECAY, **extra)
+
+
+def build_mixup(config: CfgNode) -> Optional[Mixup]:
+    if config.AUG.MIXUP <= 0 and config.AUG.CUTMIX <= 0 and config.AUG.CUTMIX_MINMAX is None:
+        return None
+    if config.DATA.BATCH_SIZE % 2:
+        raise ConfigError(f'Mixup/CutMix need an even DATA.BATCH_SIZE, got {config.DATA.BATCH_SIZE}')
+    return Mixup(mixup_alpha=config.AUG.MIXUP, cutmix_alpha=config.AUG.CUTMIX, cutmix_minmax=config.AUG.CUTMIX_MINMAX,
+                 prob=config.AUG.MIXUP_PROB, switch_prob=config.AUG.MIXUP_SWITCH_PROB, mode=config.AUG.MIXUP_MODE,
+                 label_smoothing=config.MODEL.LABEL_SMOOTHING, num_classes=config.MODEL.NUM_CLASSES)
+
+
+def build_criterion(config: CfgNode, mixup: Optional[Mixup]) -> nn.Module:
+    if mixup is not None:
+        return SoftTargetCrossEntropy()  # Mixup already smooths the targets
+    if config.MODEL.LABEL_SMOOTHING > 0:
+        return LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING)
+    return nn.CrossEntropyLoss()
+
+
+def build_model(config: CfgNode) -> nn.Module:
+    model = timm.create_model(config.MODEL.NAME, num_classes=config.MODEL.NUM_CLASSES,
+                              drop_rate=config.MODEL.DROP_RATE, drop_path_rate=config.MODEL.DROP_PATH_RATE)
+    if config.MODEL.PRETRAINED:
+        model.load_pretrained(config.MODEL.PRETRAINED)
+    if config.TRAIN.USE_CHECKPOINT:
+        model.set_grad_checkpointing()
+    return model
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------
+
+
+def _rng_state() -> Dict:
+    numpy_state = np.random.get_state()
+    state = dict(torch=torch.get_rng_state(), python=random.getstate(),
+                 numpy=(numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]))
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict):
+    torch.set_rng_state(state['torch'])
+    random.setstate(state['python'])
+    name, keys, *rest = state['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def _atomic_save(state: Dict, path: str):
+    """Write ``state`` to ``path`` so that ``path`` is never a partly written file."""
+    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.' + os.path.basename(path))
+    try:
+        with os.fdopen(handle, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+class Checkpointer:
+    def __init__(self, output: str, distributed: Distributed):
+        self.output = output
+        self.distributed = distributed
+
+    @property
+    def latest(self) -> str:
+        return os.path.join(self.output, 'latest.pth')
+
+    def save(self, state: Dict, epoch: int, is_best: bool, save_freq: int, last_epoch: bool):
+        """Collective: every rank contributes its RNG state; rank 0 writes the files."""
+        rng_states = [None] * self.distributed.world_size
+        if self.distributed.enabled:
+            dist.all_gather_object(rng_states, _rng_state())
+        else:
+            rng_states[0] = _rng_state()
+        if not self.distributed.is_main:
+            return
+        state = dict(state, rng=rng_states, world_size=self.distributed.world_size)
+        _atomic_save(state, self.latest)
+        copies = ['best.pth'] if is_best else []
+        if (epoch + 1) % save_freq == 0 or last_epoch:
+            copies.append(f'ckpt_epoch_{epoch + 1}.pth')
+        for name in copies:
+            _atomic_save(state, os.path.join(self.output, name))
+        _logger.info('saved %s%s', self.latest, ''.join(f', {name}' for name in copies))
+
+
+def load_weights(model: nn.Module, checkpoint: Dict, key: str = 'model') -> None:
+    """Load a checkpoint's weights (this trainer's or the authors' format) into ``model``."""
+    state_dict = checkpoint_filter_fn(unwrap_state_dict(checkpoint[key] if key in checkpoint else checkpoint), model)
+    classifier = state_dict.get('head.fc.weight')
+    if classifier is not None and classifier.shape[0] != model.num_classes:
+        raise CheckpointError(f'the checkpoint classifies {classifier.shape[0]} classes, MODEL.NUM_CLASSES is '
+                         f'{model.num_classes}')
+    model.load_state_dict(state_dict)
+
+
+# ---- training and evaluation --------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, distributed: Distributed, amp_dtype: Optional[torch.dtype],
+             channels_last: bool) -> Dict[str, float]:
+    model.eval()
+    correct1 = correct5 = count = loss_sum = corrupt = 0
+    for images, targets, num_corrupt in loader:
+        corrupt += num_corrupt
+        if not len(images):
+            continue
+        images = images.to(distributed.device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        targets = targets.to(distributed.device, non_blocking=True)
+        with torch.autocast(distributed.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, targets, reduction='sum').item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == targets[:, None]
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+        count += len(targets)
+    correct1, correct5, count, loss_sum, corrupt = distributed.sum([correct1, correct5, count, loss_sum, corrupt]).tolist()
+    if corrupt:
+        _logger.warning('evaluation skipped %d corrupt image(s)', corrupt)
+    if not count:
+        raise DatasetError('no readable validation image')
+    return dict(acc1=100 * correct1 / count, acc5=100 * correct5 / count, loss=loss_sum / count, images=int(count))
+
+
+def evaluate_with_ema(model: nn.Module, ema_model: Optional[nn.Module], loader, distributed: Distributed,
+                      amp_dtype: Optional[torch.dtype], channels_last: bool) -> Dict[str, float]:
+    metrics = evaluate(model, loader, distributed, amp_dtype, channels_last)
+    if ema_model is not None:
+        ema = evaluate(ema_model, loader, distributed, amp_dtype, channels_last)
+        metrics.update(ema_acc1=ema['acc1'], ema_acc5=ema['acc5'])
+    return metrics
+
+
+def prepare_datasets(config: CfgNode, distributed: Distributed):
+    if config.DATA.DATASET == 'synthetic_shapes' and distributed.is_main:
+        ensure_synthetic_shapes(config.DATA.DATA_PATH, seed=config.SEED)
+    distributed.barrier()
+    train_set, val_set = build_datasets(config)
+    _logger.info('data: %d training and %d validation images in %d classes', len(train_set), len(val_set),
+                 len(train_set.classes))
+    return train_set, val_set
+
+
+def evaluate_checkpoint(config: CfgNode, distributed: Distributed) -> Dict[str, float]:
+    """Accuracy of a checkpoint (this trainer's or the authors' format) and of its EMA weights, if it has them."""
+    if not config.MODEL.RESUME:
+        raise ConfigError('--eval needs --resume CHECKPOINT')
+    _, val_set = prepare_datasets(config, distributed)
+    loader = build_val_loader(config, val_set, distributed.world_size, distributed.rank)
+    checkpoint = load_checkpoint_file(config.MODEL.RESUME)
+    memory_format = torch.channels_last if config.TRAIN.CHANNELS_LAST else torch.preserve_format
+
+    def model_from(key: str) -> nn.Module:
+        model = build_model(config)
+        load_weights(model, checkpoint, key)
+        return model.to(distributed.device, memory_format=memory_format)
+
+    ema_model = model_from('model_ema') if checkpoint.get('model_ema') is not None else None
+    metrics = evaluate_with_ema(model_from('model'), ema_model, loader, distributed,
+                                resolve_amp(config.AMP, distributed.device), config.TRAIN.CHANNELS_LAST)
+    _logger.info('%s on %d images: acc@1 %.2f %%  acc@5 %.2f %%%s', config.MODEL.RESUME, metrics['images'],
+                 metrics['acc1'], metrics['acc5'],
+                 f"  (EMA acc@1 {metrics['ema_acc1']:.2f} %  acc@5 {metrics['ema_acc5']:.2f} %)"
+                 if 'ema_acc1' in metrics else '')
+    return metrics
+
+
+class Trainer:
+    def __init__(self, config: CfgNode, distributed: Distributed):
+        self.config = config
+        self.distributed = distributed
+        self.device = distributed.device
+        self.amp_dtype = resolve_amp(config.AMP, self.device)
+        self.channels_last = config.TRAIN.CHANNELS_LAST
+        self.checkpointer = Checkpointer(config.OUTPUT, distributed)
+
+        train_set, val_set = prepare_datasets(config, distributed)
+        self.train_loader, self.train_sampler = build_train_loader(config, train_set, distributed.world_size,
+                                                                   distributed.rank)
+        self.val_loader = build_val_loader(config, val_set, distributed.world_size, distributed.rank)
+
+        self.model = build_model(config).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if distributed.enabled and self.device.type == 'cuda':
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        elif distributed.enabled:
+            _logger.info('SyncBatchNorm needs CUDA: BatchNorm statistics stay per process on the CPU')
+        self.ema = ModelEmaV3(self.model, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLED else None
+        self.train_model = self.model
+        if distributed.enabled:
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[distributed.local_rank] if self.device.type == 'cuda' else None)
+        if config.TRAIN.COMPILE:
+            self.train_model = torch.compile(self.train_model)
+
+        self.steps_per_epoch = len(self.train_loader) // config.TRAIN.ACCUMULATION_STEPS
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f'an epoch has {len(self.train_loader)} batches, fewer than '
+                              f'TRAIN.ACCUMULATION_STEPS ({config.TRAIN.ACCUMULATION_STEPS})')
+        self.optimizer = build_optimizer(config, self.model, distributed.world_size, self.device)
+        self.scheduler = build_scheduler(config, self.optimizer, self.steps_per_epoch, distributed.world_size)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.mixup = build_mixup(config)
+        self.criterion = build_criterion(config, self.mixup)
+        self.start_epoch = config.TRAIN.START_EPOCH
+        self.max_accuracy = 0.0
+        self.history = []
+        self.writer = None
+        if distributed.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(config.OUTPUT, 'tensorboard'))
+
+    def resume(self, path: str):
+        checkpoint = load_checkpoint_file(path)
+        load_weights(self.model, checkpoint)
+        if self.ema is not None and 'model_ema' in checkpoint:
+            load_weights(self.ema.module, checkpoint, key='model_ema')
+        if 'optimizer' not in checkpoint:
+            _logger.info('%s holds weights only: training starts at epoch %d', path, self.start_epoch)
+            return
+        self.optimizer.load_state_dict(checkpoint['optimizer'])
+        self.scheduler.load_state_dict(checkpoint['lr_scheduler'])
+        self.scaler.load_state_dict(checkpoint['scaler'])
+        self.start_epoch = checkpoint['epoch'] + 1
+        self.max_accuracy = checkpoint['max_accuracy']
+        self.history = checkpoint.get('history', [])
+        rng = checkpoint.get('rng')
+        if rng and len(rng) == self.distributed.world_size:
+            _set_rng_state(rng[self.distributed.rank])
+        else:
+            _logger.warning('%s was written by %s processes, this run has %d: random state not restored', path,
+                            len(rng) if rng else 'an unknown number of', self.distributed.world_size)
+        _logger.info('resuming from %s: epoch %d done, best acc@1 %.2f %%', path, checkpoint['epoch'] + 1,
+                     self.max_accuracy)
+
+    def train_one_epoch(self, epoch: int) -> Dict[str, float]:
+        config = self.config
+        self.train_model.train()
+        self.train_sampler.set_epoch(epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        accumulation = config.TRAIN.ACCUMULATION_STEPS
+        num_batches = self.steps_per_epoch * accumulation
+        global_batch = config.DATA.BATCH_SIZE * self.distributed.world_size
+        loss_sum = corrupt = 0.0
+        start = time.time()
+        progress = tqdm(total=num_batches, desc=f'epoch {epoch + 1}/{config.TRAIN.EPOCHS}', dynamic_ncols=True,
+                        disable=not (self.distributed.is_main and sys.stdout.isatty()), file=sys.stdout)
+        batches = iter(self.train_loader)
+        for index in range(num_batches):
+            images, targets, num_corrupt = next(batches)
+            corrupt += num_corrupt
+            images = images.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            if self.mixup is not None:
+                images, targets = self.mixup(images, targets)
+            stepping = (index + 1) % accumulation == 0
+            no_sync = self.train_model.no_sync if self.distributed.enabled and not stepping else contextlib.nullcontext
+            with no_sync():
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    loss = self.criterion(self.train_model(images), targets)
+                self.scaler.scale(loss / accumulation).backward()
+            loss_value = self.distributed.sum([loss.item()]).item() / self.distributed.world_size
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(f'non-finite loss ({loss_value}) at epoch {epoch + 1}, '
+                                         f'step {index + 1}/{num_batches}: stopping')
+            loss_sum += loss_value
+            if stepping:
+                self.optimizer_step(epoch * self.steps_per_epoch + (index + 1) // accumulation)
+            lr = self.optimizer.param_groups[0]['lr']
+            images_per_second = (index + 1) * global_batch / (time.time() - start)
+            progress.set_postfix(loss=f'{loss_value:.4f}', lr=f'{lr:.2e}', img_s=f'{images_per_second:.1f}')
+            progress.update()
+            if (index + 1) % config.PRINT_FREQ == 0 or index + 1 == num_batches:
+                eta = (time.time() - start) / (index + 1) * (num_batches - index - 1)
+                _logger.info('epoch %d/%d step %d/%d  loss %.4f  lr %.3e  %.1f img/s  eta %s', epoch + 1,
+                             config.TRAIN.EPOCHS, index + 1, num_batches, loss_value, lr, images_per_second,
+                             datetime.timedelta(seconds=int(eta)))
+            if self.writer is not None:
+                global_step = epoch * num_batches + index
+                self.writer.add_scalar('train/loss', loss_value, global_step)
+                self.writer.add_scalar('train/lr', lr, global_step)
+        progress.close()
+        corrupt = self.distributed.sum([corrupt]).item()
+        if corrupt:
+            _logger.warning('epoch %d: %d corrupt image(s) skipped', epoch + 1, corrupt)
+        elapsed = time.time() - start
+        return dict(loss=loss_sum / num_batches, images_per_second=num_batches * global_batch / elapsed,
+                    seconds=elapsed, corrupt=int(corrupt))
+
+    def optimizer_step(self, global_step: int):
+        if self.config.TRAIN.CLIP_GRAD > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.TRAIN.CLIP_GRAD)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step_update(global_step)
+        if self.ema is not None:
+            self.ema.update(self.model, step=global_step)
+
+    def evaluate(self) -> Dict[str, float]:
+        return evaluate_with_ema(self.model, self.ema.module if self.ema else None, self.val_loader, self.distributed,
+                                 self.amp_dtype, self.channels_last)
+
+    def fit(self) -> Dict:
+        config = self.config
+        if self.start_epoch >= config.TRAIN.EPOCHS:
+            _logger.info('all %d epochs are done', config.TRAIN.EPOCHS)
+        _logger.info('training %s for epochs %d-%d, %d steps each, lr %.3e for a global batch of %d', config.MODEL.NAME,
+                     self.start_epoch + 1, config.TRAIN.EPOCHS, self.steps_per_epoch,
+                     scaled_learning_rates(config, self.distributed.world_size)['lr'],
+                     config.DATA.BATCH_SIZE * self.distributed.world_size * config.TRAIN.ACCUMULATION_STEPS)
+        started = time.time()
+        for epoch in range(self.start_epoch, config.TRAIN.EPOCHS):
+            train_stats = self.train_one_epoch(epoch)
+            metrics = self.evaluate()
+            best = max(metrics['acc1'], metrics.get('ema_acc1', 0.0))
+            is_best = best > self.max_accuracy
+            self.max_accuracy = max(self.max_accuracy, best)
+            _logger.info('epoch %d/%d: train loss %.4f, %.1f img/s; val acc@1 %.2f %% acc@5 %.2f %%%s; best %.2f %%',
+                         epoch + 1, config.TRAIN.EPOCHS, train_stats['loss'], train_stats['images_per_second'],
+                         metrics['acc1'], metrics['acc5'],
+                         f" (EMA {metrics['ema_acc1']:.2f} %)" if 'ema_acc1' in metrics else '', self.max_accuracy)
+            if self.writer is not None:
+                for name, value in (('val/acc1', metrics['acc1']), ('val/acc5', metrics['acc5']),
+                                    ('val/ema_acc1', metrics.get('ema_acc1')),
+                                    ('train/epoch_loss', train_stats['loss']),
+                                    ('train/throughput', train_stats['images_per_second'])):
+                    if value is not None:
+                        self.writer.add_scalar(name, value, epoch + 1)
+                self.writer.flush()
+            self.history.append(dict(epoch=epoch + 1, train_loss=train_stats['loss'],
+                                     **{k: v for k, v in train_stats.items() if k != 'loss'},
+                                     val_loss=metrics['loss'], **{k: v for k, v in metrics.items() if k != 'loss'}))
+            self.checkpointer.save(self.state(epoch), epoch, is_best, config.SAVE_FREQ,
+                                   last_epoch=epoch + 1 == config.TRAIN.EPOCHS)
+        return dict(model=config.MODEL.NAME, epochs=config.TRAIN.EPOCHS, max_accuracy=self.max_accuracy,
+                    final=self.history[-1] if self.history else None, train_seconds_this_run=time.time() - started,
+                    world_size=self.distributed.world_size,
+                    global_batch=config.DATA.BATCH_SIZE * self.distributed.world_size * config.TRAIN.ACCUMULATION_STEPS,
+                    history=self.history)
+
+    def state(self, epoch: int) -> Dict:
+        return dict(model=self.model.state_dict(), model_ema=self.ema.module.state_dict() if self.ema else None,
+                    optimizer=self.optimizer.state_dict(), lr_scheduler=self.scheduler.state_dict(),
+                    scaler=self.scaler.state_dict(), epoch=epoch, max_accuracy=self.max_accuracy,
+                    history=self.history, config=self.config.dump())
+
+
+@torch.no_grad()
+def measure_throughput(config: CfgNode, device: torch.device, amp_dtype: Optional[torch.dtype],
+                       batch_size: int = THROUGHPUT_BATCH, warmup: int = 50, iterations: int = 30) -> float:
+    """Inference images per second, as the paper measures it: one batch of 64, after warm-up."""
+    model = build_model(config).to(device).eval()
+    images = torch.randn(batch_size, 3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE, device=device)
+    if config.TRAIN.CHANNELS_LAST:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    if config.TRAIN.COMPILE:
+        model = torch.compile(model)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        for _ in range(warmup):
+            model(images)
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(iterations):
+            model(images)
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+    return batch_size * iterations / (time.perf_counter() - start)
+
+
+def run(args: argparse.Namespace) -> Optional[Dict]:
+    config = load_config(args.cfg, args.opts, **{
+        'DATA.DATA_PATH': args.data_path, 'DATA.BATCH_SIZE': args.batch_size, 'OUTPUT': args.output,
+        'MODEL.RESUME': args.resume, 'EVAL_MODE': args.eval or None, 'THROUGHPUT_MODE': args.throughput or None})
+    distributed = Distributed()
+    try:
+        os.makedirs(config.OUTPUT, exist_ok=True)
+        setup_logging(config.OUTPUT, distributed)
+        seed = config.SEED + distributed.rank
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+
+        if config.THROUGHPUT_MODE:
+            amp_dtype = resolve_amp(config.AMP, distributed.device)
+            batch_size = args.batch_size or THROUGHPUT_BATCH
+            images_per_second = measure_throughput(config, distributed.device, amp_dtype, batch_size)
+            _logger.info('throughput %s: %.1f img/s (batch %d, %d px, %s, AMP %s)', config.MODEL.NAME,
+                         images_per_second, batch_size, config.DATA.IMG_SIZE, distributed.device,
+                         amp_dtype or 'off')
+            return dict(throughput=images_per_second)
+
+        if config.EVAL_MODE:
+            return evaluate_checkpoint(config, distributed)
+
+        _logger.info('config:\n%s', config.dump())
+        trainer = Trainer(config, distributed)
+        resume_from = config.MODEL.RESUME
+        if not resume_from and config.TRAIN.AUTO_RESUME and os.path.isfile(trainer.checkpointer.latest):
+            resume_from = trainer.checkpointer.latest
+            _logger.info('auto-resume: found %s', resume_from)
+        if resume_from:
+            trainer.resume(resume_from)
+        summary = trainer.fit()
+        if distributed.is_main:
+            with open(os.path.join(config.OUTPUT, 'summary.json'), 'w') as f:
+                json.dump(summary, f, indent=2)
+            _logger.info('done: best acc@1 %.2f %%; summary in %s', summary['max_accuracy'],
+                         os.path.join(config.OUTPUT, 'summary.json'))
+        return summary
+    finally:
+        distributed.close()
+
+
+def main(argv: Optional[Sequence[str]] = None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ConfigError, DatasetError, CheckpointError, UnsafeCheckpointError, FileNotFoundError, FileExistsError,
+            NonFiniteLossError) as error:
+        # bad input (config, data, checkpoint) and a diverging run end with one line naming the problem
+        sys.exit(f'error: {error}')
+
+
+if __name__ == '__main__':
+    main()
