@@ -16,11 +16,12 @@ $(STAMP): requirements.txt setup.py
 	$(PIP) install -c requirements.txt setuptools wheel ninja torch torchvision
 	MMCV_WITH_OPS=1 $(PIP) install --no-build-isolation -c requirements.txt mmcv
 	$(PIP) install -r requirements.txt
-	$(PIP) install --no-build-isolation --no-deps -e .
+	$(PIP) install --no-build-isolation --no-deps --use-pep517 -e .
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m classification.model_table
+	$(PY) -m classification.train --cfg configs/classification/demo.yaml
+	$(PY) -m classification.train --cfg configs/classification/demo.yaml --eval --resume output/demo/best.pth
 
 test: setup
 	$(PY) -m pytest tests

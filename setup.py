@@ -1,4 +1,5 @@
 """Install with `make setup` (see README): mmcv must be compiled against the pinned torch first."""
+import os
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -19,6 +20,30 @@ def pinned(*names):
     return [requirements[name] for name in names]
 
 
+def cuda_extensions():
+    """The extension modules and build_ext command of kernels/: the CUDA depthwise convolution, built when
+    FORCE_CUDA=1 (no GPU needed, only the CUDA toolkit) or when a toolkit and a GPU are both present."""
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        if os.environ.get('FORCE_CUDA') == '1':
+            raise
+        return [], {}
+    if not (os.environ.get('FORCE_CUDA') == '1' or (CUDA_HOME is not None and torch.cuda.is_available())):
+        return [], {}
+    os.environ.setdefault('TORCH_CUDA_ARCH_LIST', '8.0;9.0+PTX')  # A100 and H100 / H200, PTX for newer GPUs
+    sources = ['kernels/csrc/depthwise_conv_ops.cpp', 'kernels/csrc/depthwise_conv_kernels.cu']
+    extension = CUDAExtension(
+        'kernels._dwconv_cuda', sources,
+        extra_compile_args={'cxx': ['-O3'], 'nvcc': ['-O3']},
+        depends=['kernels/csrc/depthwise_conv.h', 'kernels/csrc/depthwise_conv_kernels.cuh'],
+    )
+    return [extension], {'build_ext': BuildExtension}
+
+
+ext_modules, cmdclass = cuda_extensions()
+
 setup(
     name='fat-vit',
     version='0.1.0',
@@ -35,4 +60,6 @@ setup(
         'detection': pinned('mmcv', 'mmengine', 'mmdet', 'pycocotools'),
         'segmentation': pinned('mmcv', 'mmengine', 'mmsegmentation', 'ftfy', 'regex'),
     },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )
