@@ -58,7 +58,7 @@ setup(
     install_requires=pinned('torch', 'torchvision', 'timm', 'yacs', 'safetensors', 'fvcore'),
     extras_require={
         'detection': pinned('mmcv', 'mmengine', 'mmdet', 'pycocotools'),
-        'segmentation': pinned('mmcv', 'mmengine', 'mmsegmentation', 'ftfy', 'regex'),
+        'segmentation': pinned('mmcv', 'mmengine', 'mmdet', 'mmsegmentation', 'ftfy', 'regex'),
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
@@ -19,28 +18,13 @@ from classification.checkpoint_io import load_checkpoint_file
 from classification.config import get_defaults, load_config
 from classification.data import build_datasets, build_transform
 from classification.train import build_scheduler, main
+from conftest import write_image_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 B0_CONFIG = str(REPO_ROOT / 'configs' / 'classification' / 'fat_b0.yaml')
 # a small, fast run of the full recipe (RandAugment, Mixup/CutMix, random erasing, label smoothing, EMA)
 TINY = ['DATA.IMG_SIZE', '32', 'DATA.NUM_WORKERS', '0', 'DATA.PIN_MEMORY', 'False', 'MODEL.NUM_CLASSES', '3',
         'TRAIN.WARMUP_EPOCHS', '1', 'TRAIN.EMA.ENABLED', 'True', 'PRINT_FREQ', '1']
-
-
-def make_image_folder(root: Path, train_per_class: int, val_per_class: int, classes=('disc', 'bar', 'noise'),
-                      corrupt: bool = False) -> Path:
-    rng = np.random.RandomState(0)
-    for split, count in (('train', train_per_class), ('val', val_per_class)):
-        for label, name in enumerate(classes):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.randint(0, 256, size=(40, 40, 3)).astype(np.uint8)
-                pixels[..., label] = 255  # a learnable colour cue
-                Image.fromarray(pixels).save(folder / f'{i}.png')
-            if corrupt:
-                (folder / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n not really an image')
-    return root
 
 
 def train_command(data: Path, output: Path, *opts: str, nproc: int = 1):
@@ -140,20 +124,20 @@ def test_data_errors_are_one_line(tmp_path):
     common = ['--cfg', B0_CONFIG, '--output', str(tmp_path / 'out'), '--opts', *TINY]
     assert 'not found' in exit_message('--data-path', str(tmp_path / 'nowhere'), *common)
 
-    data = make_image_folder(tmp_path / 'data', 2, 1)
+    data = write_image_folder(tmp_path / 'data', 2, 1)
     empty = data / 'train' / 'disc'
     for image in empty.iterdir():
         image.unlink()
     assert f'class folder {empty} has no images' in exit_message('--data-path', str(data), *common)
 
-    mismatched = make_image_folder(tmp_path / 'mismatch', 2, 1)
+    mismatched = write_image_folder(tmp_path / 'mismatch', 2, 1)
     (mismatched / 'val' / 'bar').rename(mismatched / 'val' / 'rod')
     message = exit_message('--data-path', str(mismatched), *common)
     assert 'differ' in message and "only in train: ['bar']" in message and "only in val: ['rod']" in message
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path):
-    data = make_image_folder(tmp_path / 'data', 4, 1)
+    data = write_image_folder(tmp_path / 'data', 4, 1)
     weights = timm.create_model('fat_b0', num_classes=3).state_dict()
     weights['head.fc.weight'].fill_(float('nan'))
     torch.save(weights, tmp_path / 'nan.pth')
@@ -166,7 +150,7 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
 
 
 def test_two_process_ddp_with_corrupt_images_then_eval(tmp_path):
-    data = make_image_folder(tmp_path / 'data', 6, 3, corrupt=True)
+    data = write_image_folder(tmp_path / 'data', 6, 3, corrupt=True)
     output = tmp_path / 'ddp'
     run_ok(train_command(data, output, 'TRAIN.EPOCHS', '2', 'DATA.BATCH_SIZE', '4', nproc=2))
     summary = json.loads((output / 'summary.json').read_text())
@@ -190,7 +174,7 @@ def test_two_process_ddp_with_corrupt_images_then_eval(tmp_path):
 
 
 def test_eval_of_authors_checkpoint(tmp_path, reference_dir):
-    data = make_image_folder(tmp_path / 'data', 2, 4)
+    data = write_image_folder(tmp_path / 'data', 2, 4)
     checkpoint = reference_dir / 'fat_b0_official_format.pth'
     opts = [*TINY, 'MODEL.NUM_CLASSES', '1000', 'DATA.IMG_SIZE', '64']
     result = run_ok([sys.executable, '-m', 'classification.train', '--cfg', B0_CONFIG, '--data-path', str(data),
@@ -211,7 +195,7 @@ def test_eval_of_authors_checkpoint(tmp_path, reference_dir):
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path):
-    data = make_image_folder(tmp_path / 'data', 8, 2)
+    data = write_image_folder(tmp_path / 'data', 8, 2)
     opts = ['TRAIN.EPOCHS', '2', 'DATA.BATCH_SIZE', '2']
     run_ok(train_command(data, tmp_path / 'uninterrupted', *opts))
 

@@ -1,0 +1,9 @@
+# Semantic FPN with FAT-B3, 80k iterations, ADE20K train -> val, single-scale.
+# Paper: none; the paper publishes an ADE20K result for FAT-B0 only.
+# Parameters: 32.9 M, this segmentor as built.
+# Backbone: FAT-B3 ImageNet weights from pretrained/fat_b3.pth, or from another file with
+#   --cfg-options model.backbone.init_cfg.checkpoint=PATH
+_base_ = './_base_/fpn_fat_4xb4-80k_ade20k-512x512.py'
+model = dict(
+    backbone=dict(arch='fat_b3', init_cfg=dict(checkpoint='pretrained/fat_b3.pth')),
+    neck=dict(in_channels=[64, 128, 256, 512]))
