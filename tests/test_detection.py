@@ -217,6 +217,17 @@ def test_training_names_an_unknown_backbone_argument(tiny_coco, tmp_path):
     assert "unexpected keyword argument 'frozen_stage'" in str(error)
 
 
+def build_and_check_fat_model(cfg: Config, config: Path, registry):
+    """Build a config's model; check its ImageNet checkpoint, FPN widths and the header's parameter count."""
+    assert cfg.model.backbone.init_cfg == dict(type='Pretrained',
+                                               checkpoint=f'pretrained/{cfg.model.backbone.arch}.pth')
+    model = registry.build(cfg.model)
+    assert list(cfg.model.neck.in_channels) == model.backbone.out_channels == WIDTHS[cfg.model.backbone.arch]
+    num_params = sum(p.numel() for p in model.parameters())
+    assert f'# Parameters: {num_params / 1e6:.1f} M' in config.read_text()
+    return model
+
+
 @pytest.mark.parametrize('config', DETECTION_CONFIGS, ids=lambda path: path.stem)
 def test_config_follows_the_protocol_builds_and_computes_finite_losses(config):
     cfg = Config.fromfile(config)
@@ -226,13 +237,7 @@ def test_config_follows_the_protocol_builds_and_computes_finite_losses(config):
     for pipeline in (cfg.train_dataloader.dataset.pipeline, cfg.test_dataloader.dataset.pipeline):
         assert [(t.scale, t.keep_ratio) for t in pipeline if t.type == 'Resize'] == [((1333, 800), True)]
     assert cfg.model.backbone.type == 'FAT' and cfg.model.backbone.norm_eval
-    assert cfg.model.backbone.init_cfg == dict(type='Pretrained',
-                                               checkpoint=f'pretrained/{cfg.model.backbone.arch}.pth')
-
-    model = MODELS.build(cfg.model)
-    assert list(cfg.model.neck.in_channels) == model.backbone.out_channels == WIDTHS[cfg.model.backbone.arch]
-    num_params = sum(p.numel() for p in model.parameters())
-    assert f'# Parameters: {num_params / 1e6:.1f} M' in config.read_text()
+    model = build_and_check_fat_model(cfg, config, MODELS)
 
     data = demo_mm_inputs(batch_size=1, image_shapes=[(3, 96, 128)], num_items=[2], num_classes=80, with_mask=True)
     with torch.no_grad():

@@ -13,7 +13,7 @@ from mmseg.structures import SegDataSample
 
 import detection.cli
 # the fixture that writes the classification trainer's checkpoint is shared with the detection tests
-from test_detection import REPO_ROOT, WIDTHS, exit_message, read_json_lines, run_entry_point
+from test_detection import REPO_ROOT, build_and_check_fat_model, exit_message, read_json_lines, run_entry_point
 
 SEGMENTATION_CONFIGS = sorted((REPO_ROOT / 'configs' / 'segmentation').glob('*.py'))
 CONFIG = REPO_ROOT / 'configs' / 'segmentation' / 'fpn_fat-b0_4xb4-80k_ade20k-512x512.py'
@@ -107,13 +107,7 @@ def test_config_follows_the_protocol_builds_and_computes_finite_losses(config):
     crop = [t.crop_size for t in cfg.train_dataloader.dataset.pipeline if t.type == 'RandomCrop']
     assert crop == [(512, 512)] and cfg.model.data_preprocessor.size == (512, 512)
     assert [t.scale for t in cfg.test_dataloader.dataset.pipeline if t.type == 'Resize'] == [(2048, 512)]
-    assert cfg.model.backbone.init_cfg == dict(type='Pretrained',
-                                               checkpoint=f'pretrained/{cfg.model.backbone.arch}.pth')
-
-    model = MODELS.build(cfg.model)
-    assert list(cfg.model.neck.in_channels) == model.backbone.out_channels == WIDTHS[cfg.model.backbone.arch]
-    num_params = sum(p.numel() for p in model.parameters())
-    assert f'# Parameters: {num_params / 1e6:.1f} M' in config.read_text()
+    model = build_and_check_fat_model(cfg, config, MODELS)
 
     labels = torch.randint(0, 150, (1, 72, 100))
     sample = SegDataSample(gt_sem_seg=PixelData(data=labels), metainfo=dict(img_shape=(72, 100), ori_shape=(72, 100)))
