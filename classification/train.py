@@ -553,42 +553,51 @@ def run(args: argparse.Namespace) -> Optional[Dict]:
         'MODEL.RESUME': args.resume, 'EVAL_MODE': args.eval or None, 'THROUGHPUT_MODE': args.throughput or None})
     distributed = Distributed()
     try:
-        os.makedirs(config.OUTPUT, exist_ok=True)
-        setup_logging(config.OUTPUT, distributed)
-        seed = config.SEED + distributed.rank
-        torch.manual_seed(seed)
-        np.random.seed(seed)
-        random.seed(seed)
-
-        if config.THROUGHPUT_MODE:
-            amp_dtype = resolve_amp(config.AMP, distributed.device)
-            batch_size = args.batch_size or THROUGHPUT_BATCH
-            images_per_second = measure_throughput(config, distributed.device, amp_dtype, batch_size)
-            _logger.info('throughput %s: %.1f img/s (batch %d, %d px, %s, AMP %s)', config.MODEL.NAME,
-                         images_per_second, batch_size, config.DATA.IMG_SIZE, distributed.device,
-                         amp_dtype or 'off')
-            return dict(throughput=images_per_second)
-
-        if config.EVAL_MODE:
-            return evaluate_checkpoint(config, distributed)
-
-        _logger.info('config:\n%s', config.dump())
-        trainer = Trainer(config, distributed)
-        resume_from = config.MODEL.RESUME
-        if not resume_from and config.TRAIN.AUTO_RESUME and os.path.isfile(trainer.checkpointer.latest):
-            resume_from = trainer.checkpointer.latest
-            _logger.info('auto-resume: found %s', resume_from)
-        if resume_from:
-            trainer.resume(resume_from)
-        summary = trainer.fit()
-        if distributed.is_main:
-            with open(os.path.join(config.OUTPUT, 'summary.json'), 'w') as f:
-                json.dump(summary, f, indent=2)
-            _logger.info('done: best acc@1 %.2f %%; summary in %s', summary['max_accuracy'],
-                         os.path.join(config.OUTPUT, 'summary.json'))
-        return summary
+        result = run_job(config, distributed, args.batch_size)
+        # A gloo worker thread still releasing the last collective's tensors when the process group is destroyed
+        # waits for the GIL, which the destructor holds while waiting for that thread: a deadlock at exit that hit
+        # about one 2-process CPU run in ten. After a barrier every worker is idle.
+        distributed.barrier()
+        return result
     finally:
         distributed.close()
+
+
+def run_job(config: CfgNode, distributed: Distributed, cli_batch_size: Optional[int]) -> Optional[Dict]:
+    os.makedirs(config.OUTPUT, exist_ok=True)
+    setup_logging(config.OUTPUT, distributed)
+    seed = config.SEED + distributed.rank
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+    if config.THROUGHPUT_MODE:
+        amp_dtype = resolve_amp(config.AMP, distributed.device)
+        batch_size = cli_batch_size or THROUGHPUT_BATCH
+        images_per_second = measure_throughput(config, distributed.device, amp_dtype, batch_size)
+        _logger.info('throughput %s: %.1f img/s (batch %d, %d px, %s, AMP %s)', config.MODEL.NAME,
+                     images_per_second, batch_size, config.DATA.IMG_SIZE, distributed.device,
+                     amp_dtype or 'off')
+        return dict(throughput=images_per_second)
+
+    if config.EVAL_MODE:
+        return evaluate_checkpoint(config, distributed)
+
+    _logger.info('config:\n%s', config.dump())
+    trainer = Trainer(config, distributed)
+    resume_from = config.MODEL.RESUME
+    if not resume_from and config.TRAIN.AUTO_RESUME and os.path.isfile(trainer.checkpointer.latest):
+        resume_from = trainer.checkpointer.latest
+        _logger.info('auto-resume: found %s', resume_from)
+    if resume_from:
+        trainer.resume(resume_from)
+    summary = trainer.fit()
+    if distributed.is_main:
+        with open(os.path.join(config.OUTPUT, 'summary.json'), 'w') as f:
+            json.dump(summary, f, indent=2)
+        _logger.info('done: best acc@1 %.2f %%; summary in %s', summary['max_accuracy'],
+                     os.path.join(config.OUTPUT, 'summary.json'))
+    return summary
 
 
 def main(argv: Optional[Sequence[str]] = None):

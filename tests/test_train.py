@@ -30,8 +30,7 @@ TINY = ['DATA.IMG_SIZE', '32', 'DATA.NUM_WORKERS', '0', 'DATA.PIN_MEMORY', 'Fals
 def train_command(data: Path, output: Path, *opts: str, nproc: int = 1):
     launcher = [sys.executable, '-m']
     if nproc > 1:
-        launcher = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc),
-                    '--master_port', str(29500 + os.getpid() % 1000), '-m']
+        launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc), '-m']
     return launcher + ['classification.train', '--cfg', B0_CONFIG, '--data-path', str(data), '--output', str(output),
                        '--opts', *TINY, *opts]
 
