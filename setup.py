@@ -55,10 +55,12 @@ setup(
     python_requires='>=3.10',
     packages=find_packages(include=['classification', 'classification.*', 'detection', 'detection.*',
                                     'segmentation', 'segmentation.*', 'kernels', 'kernels.*']),
-    install_requires=pinned('torch', 'torchvision', 'timm', 'yacs', 'safetensors', 'fvcore'),
+    install_requires=pinned('torch', 'torchvision', 'timm', 'pillow', 'yacs', 'safetensors', 'fvcore', 'tqdm',
+                            'tensorboard'),
     extras_require={
         'detection': pinned('mmcv', 'mmengine', 'mmdet', 'pycocotools'),
         'segmentation': pinned('mmcv', 'mmengine', 'mmdet', 'mmsegmentation', 'ftfy', 'regex'),
+        'onnx': pinned('onnx', 'onnxscript', 'onnxruntime'),
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -16,11 +16,15 @@ never in result:
 
 The interaction of FASA's two branches follows the released code, ``proj(local * sigmoid(g) * g)``, not
 the symmetric two-way gate of the paper's prose (see the README).
+
+``timm.utils.reparameterize_model(model)`` gives the inference form, equal to the eval-mode model: every
+BatchNorm folded into the convolution before it, the residuals of the position encoding and of the FFN's
+depthwise convolution folded into their kernels, and the 1x1 convolutions run as matrix products over the
+channels of channels-last tensors. Its state dict differs; checkpoints are of the training form.
 """
 import logging
 import re
 from collections import OrderedDict
-from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -44,8 +48,82 @@ def _dwconv(dim: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(dim, dim, kernel_size, stride=stride, padding=kernel_size // 2, groups=dim)
 
 
-def _conv_bn_relu(in_dim: int, out_dim: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(OrderedDict(
+def _conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
+    """A plain ``nn.Conv2d`` with ``conv``'s geometry and the given parameters."""
+    fused = nn.Conv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+        dilation=conv.dilation, groups=conv.groups, bias=True, padding_mode=conv.padding_mode,
+        device=weight.device, dtype=weight.dtype)
+    fused.weight.data.copy_(weight)
+    fused.bias.data.copy_(bias)
+    return fused
+
+
+class PointwiseConv(nn.Conv2d):
+    """A 1x1 convolution. ``fuse()`` gives its inference form, a ``PointwiseLinear``."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__(in_dim, out_dim, 1)
+
+    def fuse(self) -> 'PointwiseLinear':
+        linear = PointwiseLinear(
+            self.in_channels, self.out_channels, device=self.weight.device, dtype=self.weight.dtype)
+        linear.weight.data.copy_(self.weight.flatten(1))
+        linear.bias.data.copy_(self.bias)
+        return linear
+
+
+class PointwiseLinear(nn.Linear):
+    """Inference form of ``PointwiseConv``: a channels-last input runs as one matrix product over its channels,
+    without the copies and the oneDNN overhead of a 1x1 convolution, and stays channels-last; any other
+    layout runs as the 1x1 convolution."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_contiguous(memory_format=torch.channels_last):
+            return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
+        return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+
+
+class ResidualDepthwiseConv(nn.Conv2d):
+    """``x + dwconv(x)``, a depthwise convolution with its residual. ``fuse()`` folds the identity into the
+    kernel's centre tap, giving a plain depthwise convolution."""
+
+    def __init__(self, dim: int, kernel_size: int):
+        super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self._conv_forward(x, self.weight, self.bias)
+
+    def fuse(self) -> nn.Conv2d:
+        weight = self.weight.detach().clone()
+        centre = self.kernel_size[0] // 2
+        weight[:, 0, centre, centre] += 1
+        return _conv_like(self, weight, self.bias.detach())
+
+
+def _fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """The convolution equal to ``bn(conv(x))`` with ``bn`` in eval mode."""
+    if isinstance(conv, ResidualDepthwiseConv):
+        conv = conv.fuse()
+    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    return _conv_like(conv, conv.weight.detach() * scale.reshape(-1, 1, 1, 1),
+                      (conv.bias.detach() - bn.running_mean) * scale + bn.bias.detach())
+
+
+class ConvBnSequential(nn.Sequential):
+    """A sequence in which every BatchNorm directly follows a convolution. ``reparameterize()`` folds each
+    BatchNorm into its convolution (the inference form: equal to the eval-mode sequence)."""
+
+    def reparameterize(self):
+        names = list(self._modules)
+        for conv_name, name in zip(names, names[1:]):
+            if isinstance(self._modules[name], nn.BatchNorm2d):
+                setattr(self, conv_name, _fold_batchnorm(self._modules[conv_name], self._modules[name]))
+                delattr(self, name)
+
+
+def _conv_bn_relu(in_dim: int, out_dim: int, stride: int) -> ConvBnSequential:
+    return ConvBnSequential(OrderedDict(
         conv=nn.Conv2d(in_dim, out_dim, 3, stride=stride, padding=1),
         bn=nn.BatchNorm2d(out_dim),
         act=nn.ReLU(inplace=True),
@@ -61,12 +139,12 @@ class Stem(nn.Sequential):
             conv2=_conv_bn_relu(dim // 2, dim, stride=2),
             conv3=_conv_bn_relu(dim, dim, stride=1),
             conv4=_conv_bn_relu(dim, dim, stride=1),
-            proj=nn.Conv2d(dim, dim, 1),
+            proj=PointwiseConv(dim, dim),
             norm=GroupNorm1(dim),
         ))
 
 
-class RefinedDownsample(nn.Sequential):
+class RefinedDownsample(ConvBnSequential):
     """FASA's key/value downsampling by ``window_size`` = 2^n.
 
     n times a depthwise 5x5 stride-2 conv followed by BatchNorm, with a 1x1 conv between consecutive
@@ -82,7 +160,7 @@ class RefinedDownsample(nn.Sequential):
             layers[f'conv{i}'] = _dwconv(dim, 5, stride=2)
             layers[f'bn{i}'] = nn.BatchNorm2d(dim)
             if i < num_halvings - 1:
-                layers[f'linear{i}'] = nn.Conv2d(dim, dim, 1)
+                layers[f'linear{i}'] = PointwiseConv(dim, dim)
         super().__init__(layers)
 
 
@@ -100,11 +178,11 @@ class FASA(nn.Module):
             raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.q = nn.Conv2d(dim, dim, 1)
+        self.q = PointwiseConv(dim, dim)
         self.kv_downsample = RefinedDownsample(dim, window_size)
-        self.kv = nn.Conv2d(dim, 2 * dim, 1)
+        self.kv = PointwiseConv(dim, 2 * dim)
         self.local_mixer = _dwconv(dim, kernel_size)
-        self.proj = nn.Conv2d(dim, dim, 1)
+        self.proj = PointwiseConv(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, dim, height, width = x.shape
@@ -115,26 +193,24 @@ class FASA(nn.Module):
         k, v = kv.transpose(-1, -2).unbind(1)
         q = q.reshape(batch, self.num_heads, self.head_dim, height * width).transpose(-1, -2)
         glob = F.scaled_dot_product_attention(q, k, v)
-        glob = glob.transpose(-1, -2).reshape(batch, dim, height, width)
+        # (batch, heads, HW, head_dim) -> (batch, dim, H, W) by way of channels-last: a view when SDPA returns
+        # its output laid out as (batch, HW, heads, head_dim), as its CPU and CUDA kernels do
+        glob = glob.transpose(1, 2).reshape(batch, height, width, dim).permute(0, 3, 1, 2)
         return self.proj(local * F.silu(glob))
 
 
-class ConvFFN(nn.Module):
+class ConvFFN(ConvBnSequential):
     """1x1 expansion, GELU, depthwise conv (residual at stride 1), BatchNorm, 1x1 projection."""
 
     def __init__(self, dim: int, out_dim: int, hidden_dim: int, kernel_size: int, stride: int = 1):
-        super().__init__()
-        self.stride = stride
-        self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
-        self.act = nn.GELU()
-        self.dwconv = _dwconv(hidden_dim, kernel_size, stride=stride)
-        self.bn = nn.BatchNorm2d(hidden_dim)
-        self.fc2 = nn.Conv2d(hidden_dim, out_dim, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.fc1(x))
-        x = x + self.dwconv(x) if self.stride == 1 else self.dwconv(x)
-        return self.fc2(self.bn(x))
+        super().__init__(OrderedDict(
+            fc1=PointwiseConv(dim, hidden_dim),
+            act=nn.GELU(),
+            dwconv=ResidualDepthwiseConv(hidden_dim, kernel_size) if stride == 1
+            else _dwconv(hidden_dim, kernel_size, stride=stride),
+            bn=nn.BatchNorm2d(hidden_dim),
+            fc2=PointwiseConv(hidden_dim, out_dim),
+        ))
 
 
 class FATBlock(nn.Module):
@@ -160,7 +236,7 @@ class FATBlock(nn.Module):
         out_dim = out_dim or dim
         if stride == 1 and out_dim != dim:
             raise ValueError('a block that changes width must downsample (stride=2)')
-        self.cpe = _dwconv(dim, kernel_size)
+        self.cpe = ResidualDepthwiseConv(dim, kernel_size)
         self.norm1 = GroupNorm1(dim)
         self.attn = FASA(dim, num_heads, kernel_size, window_size)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
@@ -170,14 +246,14 @@ class FATBlock(nn.Module):
         if stride == 1:
             self.shortcut = nn.Identity()
         else:
-            self.shortcut = nn.Sequential(
+            self.shortcut = ConvBnSequential(
                 _dwconv(dim, 5, stride=stride),
                 nn.BatchNorm2d(dim),
-                nn.Conv2d(dim, out_dim, 1),
+                PointwiseConv(dim, out_dim),
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.cpe(x)
+        x = self.cpe(x)
         x = x + self.drop_path1(self.attn(self.norm1(x)))
         return self.shortcut(x) + self.drop_path2(self.ffn(self.norm2(x)))
 

@@ -1,5 +1,5 @@
 """``DepthwiseConv2d``, a drop-in for a depthwise ``nn.Conv2d`` that runs on the in-tree CUDA kernel, and
-``use_cuda_dwconv``, the switch that decides where the model uses it."""
+``use_cuda_dwconv``, the switch that is to decide where the model uses it (not wired in until measured on a GPU)."""
 import functools
 import logging
 import os

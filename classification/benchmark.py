@@ -1,0 +1,443 @@
+"""Speed of FAT beside the peers of the paper's efficiency comparison, measured side by side.
+
+    python -m classification.benchmark [--device cpu|cuda] [--models fat_b0 edgenext_small ...]
+        [--threads 2] [--latency-rounds 100] [--throughput-batch-sizes 16] [--train-batch-size 128]
+        [--compile] [--output-dir DIR] [--plot]
+
+Every model is built by timm without pretrained weights (weights do not change the timing), put into its
+inference form with ``timm.utils.reparameterize_model`` (FAT folds its BatchNorms and residual depthwise
+convolutions; peers without fusions stay as they are), made channels-last, and fed inputs of its own
+default resolution (``pretrained_cfg['input_size']``). On CUDA, forward passes run under AMP.
+
+The models are measured in one process, interleaved (every round runs each model once, in a shuffled order)
+after a warm-up, so that drifts of the machine's speed fall on every model alike; each figure is the median
+over rounds. Batch-1 latency and batched throughput are measured; parameters are the training form's, FLOPs
+are fvcore's (one multiply-add = one FLOP, attention products included) at the model's resolution. Each
+figure is also given as a ratio to a FAT model of similar accuracy (latency ratio > 1: slower than FAT;
+throughput ratio < 1: fewer images/s than FAT).
+
+With ``--train-batch-size N`` the training step is timed as well (training form, train mode, AdamW,
+cross-entropy on random labels, forward + backward + optimizer step under the same AMP, memory format and
+compilation), interleaved in the same way.
+"""
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.utils import reparameterize_model
+
+from .model_table import PAPER, count_flops, count_params
+
+FAT_MODELS = ('fat_b0', 'fat_b1', 'fat_b2', 'fat_b3')
+
+
+class Peer(NamedTuple):
+    top1: float  # ImageNet-1K top-1 (%) published by the model's own paper
+    counterpart: str  # the FAT variant of similar accuracy it is compared with
+
+
+PEERS = {
+    'mobilevit_xs': Peer(74.8, 'fat_b0'),
+    'edgenext_x_small': Peer(75.0, 'fat_b0'),
+    'edgenext_small': Peer(79.4, 'fat_b1'),
+    'efficientnet_b1': Peer(79.1, 'fat_b1'),
+    'pvt_v2_b1': Peer(78.7, 'fat_b1'),
+    'efficientnet_b3': Peer(81.6, 'fat_b2'),
+    'swin_tiny_patch4_window7_224': Peer(81.3, 'fat_b3'),
+    'convnext_small': Peer(83.1, 'fat_b3'),
+}
+
+# The paper's CPU latency claim (FAT-B0 44.3 ms vs EdgeNeXt-S 86.4 ms) and the issue's target for B1.
+DEFAULT_COMPARISONS = ('fat_b0:edgenext_small', 'fat_b1:edgenext_small')
+
+
+def published_top1(name: str) -> Optional[float]:
+    if name in PAPER:
+        return PAPER[name].top1
+    return PEERS[name].top1 if name in PEERS else None
+
+
+def reference_fat(name: str, measured: Sequence[str]) -> Optional[str]:
+    """The FAT model a figure is divided by: the model itself if it is FAT, else its counterpart when that was
+    measured, else the first FAT model measured (None when none was)."""
+    if name.startswith('fat_'):
+        return name
+    counterpart = PEERS[name].counterpart if name in PEERS else None
+    if counterpart in measured:
+        return counterpart
+    return next((m for m in measured if m.startswith('fat_')), None)
+
+
+class Candidate(NamedTuple):
+    name: str
+    model: torch.nn.Module
+    input_size: int
+
+
+def prepare(model: torch.nn.Module, device: torch.device, channels_last: bool, deploy: bool,
+            compile_model: bool) -> torch.nn.Module:
+    """The eval-mode ``model`` as it is timed: inference form, device, memory format, compilation."""
+    model = model.eval()
+    if deploy:
+        model = reparameterize_model(model)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if compile_model else model
+
+
+def _timer(device: torch.device) -> Callable[[], float]:
+    if device.type == 'cuda':
+        def now() -> float:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+        return now
+    return time.perf_counter
+
+
+def measure_interleaved(candidates: Sequence[Candidate], batch_size: int, warmup: int, rounds: int,
+                        device: torch.device, channels_last: bool,
+                        amp_dtype: Optional[torch.dtype]) -> Dict[str, List[float]]:
+    """Seconds per forward pass of each candidate at ``batch_size``, one per round, the candidates taking turns.
+
+    Each round runs every candidate once, in an order shuffled anew (with a fixed seed): in a fixed order
+    each model would always follow the same one and inherit its effect on the caches.
+    """
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    inputs = {c.name: torch.randn(batch_size, 3, c.input_size, c.input_size, device=device)
+              .contiguous(memory_format=memory_format) for c in candidates}
+    now = _timer(device)
+    order = random.Random(0)
+    times: Dict[str, List[float]] = {c.name: [] for c in candidates}
+    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        for _ in range(warmup):
+            for c in candidates:
+                c.model(inputs[c.name])
+        for _ in range(rounds):
+            for c in order.sample(candidates, len(candidates)):
+                start = now()
+                c.model(inputs[c.name])
+                times[c.name].append(now() - start)
+    return times
+
+
+def measure_training_interleaved(names: Sequence[str], batch_size: int, warmup: int, rounds: int,
+                                 device: torch.device, channels_last: bool, amp_dtype: Optional[torch.dtype],
+                                 compile_model: bool) -> Dict[str, List[float]]:
+    """Seconds per training step (forward, backward, AdamW step) of each model at ``batch_size``, one per
+    round, the models taking turns as in ``measure_interleaved``."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    steps = {}
+    for name in names:
+        model = timm.create_model(name, pretrained=False).to(device=device, memory_format=memory_format).train()
+        optimizer = create_optimizer_v2(model, 'adamw', lr=1e-4, weight_decay=0.05)
+        forward = torch.compile(model) if compile_model else model
+        input_size = model.pretrained_cfg['input_size'][-1]
+        images = torch.randn(batch_size, 3, input_size, input_size, device=device).contiguous(
+            memory_format=memory_format)
+        labels = torch.randint(0, model.num_classes, (batch_size,), device=device)
+
+        def step(forward=forward, optimizer=optimizer, images=images, labels=labels):
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = F.cross_entropy(forward(images), labels)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        steps[name] = step
+
+    now = _timer(device)
+    order = random.Random(0)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    for _ in range(rounds):
+        for name in order.sample(list(names), len(names)):
+            start = now()
+            steps[name]()
+            times[name].append(now() - start)
+    return times
+
+
+def images_per_second_figure(figure: str) -> Optional[int]:
+    """The batch size of a throughput figure (``throughput_b64``, ``train_b128``); None for latency."""
+    for prefix in ('throughput_b', 'train_b'):
+        if figure.startswith(prefix):
+            return int(figure[len(prefix):])
+    return None
+
+
+def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """Median over rounds of the ratio of two models' times in the same round: drifts of the machine's
+    speed from round to round cancel out."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator))
+
+
+def cpu_model_name() -> str:
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description(device: torch.device, threads: Optional[int]) -> Dict:
+    description = dict(
+        date=datetime.date.today().isoformat(), torch=torch.__version__, timm=timm.__version__,
+        cpu=cpu_model_name(), cpu_count=os.cpu_count())
+    if device.type == 'cuda':
+        description['gpu'] = torch.cuda.get_device_name(device)
+    else:
+        description['threads'] = threads
+    return description
+
+
+def _load_average() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def run(args: argparse.Namespace) -> Dict:
+    device = torch.device(args.device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit('--device cuda: no CUDA GPU is available')
+    if device.type == 'cpu':
+        torch.set_num_threads(args.threads)
+    amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}[args.amp]
+    channels_last = args.memory_format == 'channels_last'
+    load_before = _load_average()
+
+    rows = []
+    candidates = []
+    for name in args.models:
+        model = timm.create_model(name, pretrained=False).eval()
+        input_size = model.pretrained_cfg['input_size'][-1]
+        rows.append(dict(
+            model=name, input_size=input_size, params_m=count_params(model) / 1e6,
+            gflops=None if args.no_flops else count_flops(model, input_size) / 1e9, top1=published_top1(name)))
+        candidates.append(Candidate(
+            name, prepare(model, device, channels_last, not args.training_form, args.compile), input_size))
+
+    timings = {'latency_ms': measure_interleaved(candidates, 1, args.warmup, args.latency_rounds, device,
+                                                 channels_last, amp_dtype)}
+    for batch_size in args.throughput_batch_sizes:
+        timings[f'throughput_b{batch_size}'] = measure_interleaved(
+            candidates, batch_size, args.throughput_warmup, args.throughput_rounds, device, channels_last, amp_dtype)
+    if args.train_batch_size:
+        del candidates  # free the inference models before building the training ones
+        timings[f'train_b{args.train_batch_size}'] = measure_training_interleaved(
+            args.models, args.train_batch_size, args.throughput_warmup, args.throughput_rounds, device,
+            channels_last, amp_dtype, args.compile)
+    for row in rows:
+        for figure, times in timings.items():
+            median = statistics.median(times[row['model']])
+            batch_size = images_per_second_figure(figure)
+            row[figure] = median * 1e3 if batch_size is None else batch_size / median
+
+    names = [row['model'] for row in rows]
+    by_name = {row['model']: row for row in rows}
+    for row in rows:
+        reference = reference_fat(row['model'], names)
+        row['vs'] = reference
+        for figure in ('params_m', 'gflops'):
+            value, base = row[figure], by_name[reference][figure] if reference else None
+            row[f'{figure}_x_fat'] = value / base if value is not None and base is not None else None
+        for figure, times in timings.items():
+            if reference is None:
+                row[f'{figure}_x_fat'] = None
+            elif figure == 'latency_ms':
+                row[f'{figure}_x_fat'] = paired_ratio(times[row['model']], times[reference])
+            else:
+                row[f'{figure}_x_fat'] = paired_ratio(times[reference], times[row['model']])
+
+    latency = timings['latency_ms']
+    comparisons = []
+    for pair in args.compare:
+        first, second = pair.split(':')
+        if first in latency and second in latency:
+            per_round = [a / b for a, b in zip(latency[first], latency[second])]
+            low, median, high = statistics.quantiles(per_round, n=4, method='inclusive')
+            comparisons.append(dict(model=first, versus=second, latency_ratio=median,
+                                    latency_ratio_quartiles=[low, high]))
+
+    settings = dict(
+        device=args.device, deploy=not args.training_form, memory_format=args.memory_format,
+        amp=args.amp, compile=args.compile, warmup=args.warmup, latency_rounds=args.latency_rounds,
+        throughput_warmup=args.throughput_warmup, throughput_rounds=args.throughput_rounds,
+        throughput_batch_sizes=list(args.throughput_batch_sizes), train_batch_size=args.train_batch_size)
+    return dict(machine=machine_description(device, args.threads if device.type == 'cpu' else None),
+                settings=settings, load_average=dict(before=load_before, after=_load_average()),
+                rows=rows, comparisons=comparisons)
+
+
+def _cell(value: Optional[float], digits: int, ratio: Optional[float] = None) -> str:
+    if value is None:
+        return '–'
+    text = f'{value:.{digits}f}'
+    return f'{text} ({ratio:.2f}×)' if ratio is not None else text
+
+
+def format_table(result: Dict, markdown: bool = False) -> str:
+    batch_sizes = result['settings']['throughput_batch_sizes']
+    train_batch_size = result['settings']['train_batch_size']
+    header = ['model', 'input', 'params (M)', 'GFLOPs', 'top-1 (%)', 'latency b1 (ms)'] + \
+        [f'throughput b{b} (img/s)' for b in batch_sizes] + \
+        ([f'training b{train_batch_size} (img/s)'] if train_batch_size else []) + ['ratios vs']
+    lines = []
+    for row in result['rows']:
+        lines.append([
+            row['model'], str(row['input_size']),
+            _cell(row['params_m'], 2, row['params_m_x_fat']),
+            _cell(row['gflops'], 2, row['gflops_x_fat']),
+            _cell(row['top1'], 1),
+            _cell(row['latency_ms'], 1, row['latency_ms_x_fat']),
+            *[_cell(row[f'throughput_b{b}'], 1, row[f'throughput_b{b}_x_fat']) for b in batch_sizes],
+            *([_cell(row[f'train_b{train_batch_size}'], 1, row[f'train_b{train_batch_size}_x_fat'])]
+              if train_batch_size else []),
+            row['vs'] or '–',
+        ])
+    if markdown:
+        table = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+        table += ['| ' + ' | '.join(line) + ' |' for line in lines]
+    else:
+        widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
+        table = ['  '.join(cell.rjust(width) for cell, width in zip(line, widths)) for line in [header] + lines]
+    for comparison in result['comparisons']:
+        low, high = comparison['latency_ratio_quartiles']
+        table.append(f"\nlatency {comparison['model']} / {comparison['versus']}: {comparison['latency_ratio']:.2f}× "
+                     f"(median of the rounds' ratios; quartiles {low:.2f}–{high:.2f})")
+    return '\n'.join(table)
+
+
+def write_outputs(result: Dict, output_dir: Path, plot: bool):
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / 'benchmark.json').write_text(json.dumps(result, indent=2) + '\n')
+    with open(output_dir / 'benchmark.csv', 'w', newline='') as f:
+        fields = list(dict.fromkeys(key for row in result['rows'] for key in row))
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(result['rows'])
+    if plot:
+        plot_accuracy_against_throughput(result, output_dir / 'accuracy_vs_throughput.png')
+
+
+def plot_accuracy_against_throughput(result: Dict, path: Path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    batch_size = result['settings']['throughput_batch_sizes'][-1]
+    rows = [row for row in result['rows'] if row['top1'] is not None]
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for is_fat, style in ((True, dict(color='tab:red', marker='o')), (False, dict(color='tab:blue', marker='s'))):
+        chosen = [row for row in rows if row['model'].startswith('fat_') == is_fat]
+        axes.plot([row[f'throughput_b{batch_size}'] for row in chosen], [row['top1'] for row in chosen],
+                  linestyle='-' if is_fat else 'none', label='FAT' if is_fat else 'peers', **style)
+        for row in chosen:
+            axes.annotate(row['model'], (row[f'throughput_b{batch_size}'], row['top1']), fontsize=7,
+                          xytext=(3, 3), textcoords='offset points')
+    machine = result['machine']
+    where = machine.get('gpu') or f"{machine['cpu']}, {machine['threads']} threads"
+    axes.set_xlabel(f'throughput, batch {batch_size} (images/s, {where})')
+    axes.set_ylabel('published ImageNet-1K top-1 (%)')
+    axes.legend()
+    axes.grid(alpha=.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=150)
+    plt.close(figure)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
+    parser.add_argument('--models', nargs='+', metavar='NAME', default=FAT_MODELS + tuple(PEERS),
+                        help='timm model names (default: FAT-B0...B3 and the paper\'s peers)')
+    parser.add_argument('--threads', type=int, default=2, help='CPU threads (default: 2)')
+    parser.add_argument('--warmup', type=int, default=10, help='warm-up passes per model (default: 10)')
+    parser.add_argument('--latency-rounds', type=int, default=100, help='batch-1 rounds (default: 100)')
+    parser.add_argument('--throughput-batch-sizes', type=int, nargs='+', metavar='N',
+                        help='throughput batch sizes (default: 16 on the CPU, 64 128 on CUDA)')
+    parser.add_argument('--throughput-warmup', type=int, default=2,
+                        help='warm-up passes per model and batch size (default: 2)')
+    parser.add_argument('--throughput-rounds', type=int, default=10, help='rounds per batch size (default: 10)')
+    parser.add_argument('--train-batch-size', type=int, metavar='N',
+                        help='also time the training step at this batch size (default: off)')
+    parser.add_argument('--memory-format', choices=('channels_last', 'contiguous'), default='channels_last')
+    parser.add_argument('--amp', choices=('bf16', 'fp16', 'none'),
+                        help='autocast dtype (default: bf16 on CUDA where supported, else fp16; none on the CPU)')
+    parser.add_argument('--compile', action='store_true', help='torch.compile every model')
+    parser.add_argument('--training-form', action='store_true',
+                        help='measure the models as built, without timm.utils.reparameterize_model')
+    parser.add_argument('--no-flops', action='store_true', help='skip the fvcore FLOP count')
+    parser.add_argument('--compare', nargs='*', metavar='A:B', default=DEFAULT_COMPARISONS,
+                        help='pairs whose latency ratio A/B is printed, when both were measured '
+                             f'(default: {" ".join(DEFAULT_COMPARISONS)})')
+    parser.add_argument('--output-dir', type=Path, help='write benchmark.csv and benchmark.json here')
+    parser.add_argument('--plot', action='store_true',
+                        help='also write accuracy_vs_throughput.png to --output-dir (needs matplotlib)')
+    parser.add_argument('--markdown', action='store_true', help='print a Markdown table')
+    args = parser.parse_args(argv)
+
+    unknown = [name for name in args.models if not timm.is_model(name)]
+    if unknown:
+        parser.error(f'unknown timm model(s): {", ".join(unknown)}')
+    if len(set(args.models)) != len(args.models):
+        parser.error('--models lists a model twice')
+    for pair in args.compare:
+        if pair.count(':') != 1 or not all(pair.split(':')):
+            parser.error(f'--compare takes pairs A:B, got {pair!r}')
+    for option in ('threads', 'throughput_rounds'):
+        if getattr(args, option) < 1:
+            parser.error(f'--{option.replace("_", "-")} must be at least 1')
+    if args.latency_rounds < 2:
+        parser.error('--latency-rounds must be at least 2')
+    if args.warmup < 0 or args.throughput_warmup < 0:
+        parser.error('--warmup and --throughput-warmup must not be negative')
+    if args.throughput_batch_sizes is None:
+        args.throughput_batch_sizes = [64, 128] if args.device == 'cuda' else [16]
+    if args.train_batch_size is not None and args.train_batch_size < 2:
+        parser.error('--train-batch-size must be at least 2 (BatchNorm needs two samples in train mode)')
+    if any(b < 1 for b in args.throughput_batch_sizes):
+        parser.error('--throughput-batch-sizes must be at least 1')
+    if args.amp is None:
+        if args.device == 'cuda':
+            args.amp = 'bf16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'fp16'
+        else:
+            args.amp = 'none'
+    if args.plot and args.output_dir is None:
+        parser.error('--plot needs --output-dir')
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None):
+    args = parse_args(argv)
+    result = run(args)
+    machine = result['machine']
+    where = machine.get('gpu') or f"{machine['cpu']}, {machine['threads']} threads"
+    print(f"{machine['date']}, {where}, torch {machine['torch']}, timm {machine['timm']}; "
+          f"load average {result['load_average']['before']} before, {result['load_average']['after']} after")
+    print(format_table(result, markdown=args.markdown))
+    if args.output_dir is not None:
+        write_outputs(result, args.output_dir, args.plot)
+
+
+if __name__ == '__main__':
+    main()

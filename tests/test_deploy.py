@@ -1,0 +1,176 @@
+"""The inference (deploy) form reached through timm.utils.reparameterize_model, ONNX export, the benchmark."""
+import json
+
+import onnx
+import pytest
+import timm
+import torch
+from timm.utils import reparameterize_model
+
+from classification import benchmark, export_onnx
+from classification.fat import PointwiseConv, ResidualDepthwiseConv
+from classification.model_table import VARIANTS
+
+
+def randomize_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Give every BatchNorm and GroupNorm statistics and affine parameters far from the identity, so that a
+    fusion that forgets one of them shows."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def deploy_error(model: torch.nn.Module, images: torch.Tensor) -> float:
+    deployed = reparameterize_model(model)
+    channels_last = images.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = model(images)
+        errors = [relative_error(deployed(images), expected),
+                  relative_error(deployed.to(memory_format=torch.channels_last)(channels_last), expected)]
+    return max(errors)
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_deploy_form_equals_training_form(variant):
+    model = randomize_norms(timm.create_model(variant))
+    assert deploy_error(model, torch.randn(2, 3, 64, 96)) <= 1e-5
+
+
+def test_deploy_form_equals_training_form_for_b0_at_224():
+    model = randomize_norms(timm.create_model('fat_b0'))
+    assert deploy_error(model, torch.randn(1, 3, 224, 224)) <= 1e-5
+
+
+def test_deploy_form_of_authors_checkpoint_reproduces_their_logits(reference_dir):
+    overlay = dict(file=str(reference_dir / 'fat_b0_official_format.pth'), custom_load=True)
+    model = timm.create_model('fat_b0', pretrained=True, pretrained_cfg_overlay=overlay)
+    model = reparameterize_model(model.double().eval())
+    golden = torch.load(reference_dir / 'fat_b0_io_float64.pt', weights_only=True)
+    with torch.no_grad():
+        logits = model(golden['input_224x224'])
+    assert relative_error(logits, golden['logits_224x224']) < 1e-10
+
+
+def test_reparameterize_model_folds_every_batchnorm_and_residual():
+    model = timm.create_model('fat_b1').eval()
+    keys = list(model.state_dict())
+    deployed = reparameterize_model(model)
+    foldable = (torch.nn.BatchNorm2d, PointwiseConv, ResidualDepthwiseConv)
+    assert not any(isinstance(m, foldable) for m in deployed.modules())
+    # the training form is left as it was
+    assert list(model.state_dict()) == keys
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+def test_reparameterize_model_is_idempotent():
+    model = randomize_norms(timm.create_model('fat_b0'))
+    once = reparameterize_model(model)
+    twice = reparameterize_model(once)
+    assert str(twice) == str(once)
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(twice(images), once(images), rtol=0, atol=0)
+
+
+def test_training_and_deploy_forms_script():
+    model = randomize_norms(timm.create_model('fat_b0'))
+    images = torch.randn(1, 3, 64, 64)
+    for form in (model, reparameterize_model(model)):
+        with torch.no_grad():
+            assert relative_error(torch.jit.script(form)(images), form(images)) <= 1e-6
+
+
+def test_deploy_form_keeps_channels_last_and_features():
+    model = timm.create_model('fat_b0', features_only=True, out_indices=(0, 1, 2, 3))
+    model = randomize_norms(model)
+    deployed = reparameterize_model(model).to(memory_format=torch.channels_last)
+    images = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        expected = model(images)
+        features = deployed(images.contiguous(memory_format=torch.channels_last))
+    for feature, reference in zip(features, expected):
+        assert feature.is_contiguous(memory_format=torch.channels_last)
+        assert relative_error(feature, reference) <= 1e-5
+
+
+def test_onnx_export_runs_in_onnxruntime_at_any_batch_and_size(tmp_path):
+    model = export_onnx.build_model('fat_b0')
+    output = export_onnx.export(model, tmp_path / 'fat_b0.onnx', img_size=64)
+    assert [path.name for path in tmp_path.iterdir()] == ['fat_b0.onnx']  # one file, weights included
+    graph = onnx.load(str(output))
+    assert graph.opset_import[0].version >= 17
+    dims = graph.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param != '' for d in dims] == [True, False, True, True]
+    errors = export_onnx.verify(model, output, [(1, 3, 224, 224), (3, 3, 97, 131)])
+    assert max(errors) <= 1e-4
+
+
+def test_onnx_export_command_with_the_torchscript_exporter(tmp_path, capsys):
+    export_onnx.main(['--model', 'fat_b0', '--output', str(tmp_path / 'fat_b0.onnx'), '--exporter', 'torchscript',
+                      '--opset', '17', '--img-size', '64'])
+    printed = capsys.readouterr().out
+    assert 'opset 17, torchscript exporter, inference form' in printed
+    errors = [float(line.rsplit(' ', 1)[1]) for line in printed.splitlines() if 'relative error' in line]
+    assert len(errors) == 2 and max(errors) <= 1e-4
+    assert onnx.load(str(tmp_path / 'fat_b0.onnx')).opset_import[0].version == 17
+
+
+def test_onnx_export_of_a_checkpoint_with_another_classifier(tmp_path):
+    source = timm.create_model('fat_b0', num_classes=7)
+    torch.save(source.state_dict(), tmp_path / 'fat_b0_7.pth')
+    model = export_onnx.build_model('fat_b0', tmp_path / 'fat_b0_7.pth')
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert relative_error(model(images), source.eval()(images)) <= 1e-5
+
+
+def test_onnx_export_refuses_an_opset_below_the_exporters(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        export_onnx.main(['--model', 'fat_b0', '--output', str(tmp_path / 'x.onnx'), '--opset', '17'])
+    assert 'needs opset >= 18' in capsys.readouterr().err
+
+
+def test_benchmark_tiny_run_writes_table_csv_and_json(tmp_path, capsys):
+    benchmark.main(['--models', 'fat_b0', 'edgenext_x_small', '--warmup', '1', '--latency-rounds', '2',
+                    '--throughput-batch-sizes', '2', '--throughput-warmup', '0', '--throughput-rounds', '1',
+                    '--train-batch-size', '2',
+                    '--compare', 'fat_b0:edgenext_x_small', '--output-dir', str(tmp_path), '--plot'])
+    printed = capsys.readouterr().out
+    assert 'latency fat_b0 / edgenext_x_small' in printed
+    result = json.loads((tmp_path / 'benchmark.json').read_text())
+    fat, peer = result['rows']
+    assert (fat['model'], fat['input_size'], peer['input_size']) == ('fat_b0', 224, 256)
+    assert fat['gflops'] == pytest.approx(0.76, abs=0.01) and fat['top1'] == 77.6
+    assert fat['latency_ms_x_fat'] == 1.0 and peer['vs'] == 'fat_b0'
+    # one throughput round: the paired ratio is the ratio of the two throughputs
+    assert peer['throughput_b2_x_fat'] == pytest.approx(peer['throughput_b2'] / fat['throughput_b2'])
+    assert fat['train_b2'] > 0 and peer['train_b2_x_fat'] == pytest.approx(peer['train_b2'] / fat['train_b2'])
+    assert 'training b2 (img/s)' in printed
+    comparison = result['comparisons'][0]
+    low, high = comparison['latency_ratio_quartiles']
+    assert (comparison['model'], comparison['versus']) == ('fat_b0', 'edgenext_x_small')
+    assert 0 < low <= comparison['latency_ratio'] <= high
+    assert result['machine']['threads'] == 2 and result['settings']['deploy']
+    csv_lines = (tmp_path / 'benchmark.csv').read_text().splitlines()
+    assert csv_lines[0].startswith('model,input_size,params_m,gflops,top1,latency_ms,throughput_b2,train_b2')
+    assert len(csv_lines) == 3
+    assert (tmp_path / 'accuracy_vs_throughput.png').read_bytes().startswith(b'\x89PNG')
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--models', 'fat_b0', 'no_such_model'], 'unknown timm model(s): no_such_model'),
+    (['--train-batch-size', '1'], '--train-batch-size must be at least 2'),
+])
+def test_benchmark_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(argv)
+    assert message in capsys.readouterr().err
