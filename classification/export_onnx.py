@@ -13,6 +13,7 @@ Exporters: ``dynamo`` (torch.export, the default; opset 18 and above) or ``torch
 tracer, deprecated by PyTorch; opsets 17 and above).
 """
 import argparse
+import sys
 import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -21,7 +22,7 @@ import timm
 import torch
 from timm.utils import reparameterize_model
 
-from .checkpoint_io import load_checkpoint_file, unwrap_state_dict
+from .checkpoint_io import CheckpointError, UnsafeCheckpointError, load_checkpoint_file, unwrap_state_dict
 from .fat import checkpoint_filter_fn
 from .model_table import VARIANTS
 
@@ -124,7 +125,10 @@ def main(argv: Optional[Sequence[str]] = None):
     except ValueError as error:
         parser.error(str(error))
 
-    model = build_model(args.model, args.checkpoint, deploy=not args.training_form)
+    try:
+        model = build_model(args.model, args.checkpoint, deploy=not args.training_form)
+    except (CheckpointError, UnsafeCheckpointError) as error:
+        sys.exit(f'error: {error}')
     export(model, args.output, opset=opset, exporter=args.exporter, img_size=args.img_size)
     print(f'wrote {args.output} ({args.model}, opset {opset}, {args.exporter} exporter, '
           f'{"training" if args.training_form else "inference"} form)')

@@ -133,6 +133,15 @@ def test_onnx_export_of_a_checkpoint_with_another_classifier(tmp_path):
         assert relative_error(model(images), source.eval()(images)) <= 1e-5
 
 
+def test_onnx_export_names_a_checkpoint_of_another_variant(tmp_path):
+    torch.save(timm.create_model('fat_b1').state_dict(), tmp_path / 'fat_b1.pth')
+    with pytest.raises(SystemExit) as stop:
+        export_onnx.main(['--model', 'fat_b0', '--checkpoint', str(tmp_path / 'fat_b1.pth'),
+                          '--output', str(tmp_path / 'fat_b0.onnx')])
+    assert str(stop.value.code).startswith('error: checkpoint does not fit this FAT variant')
+    assert not (tmp_path / 'fat_b0.onnx').exists()
+
+
 def test_onnx_export_refuses_an_opset_below_the_exporters(tmp_path, capsys):
     with pytest.raises(SystemExit):
         export_onnx.main(['--model', 'fat_b0', '--output', str(tmp_path / 'x.onnx'), '--opset', '17'])
