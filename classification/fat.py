@@ -193,9 +193,7 @@ class FASA(nn.Module):
         k, v = kv.transpose(-1, -2).unbind(1)
         q = q.reshape(batch, self.num_heads, self.head_dim, height * width).transpose(-1, -2)
         glob = F.scaled_dot_product_attention(q, k, v)
-        # (batch, heads, HW, head_dim) -> (batch, dim, H, W) by way of channels-last: a view, no copy, when SDPA
-        # lays its output out as (batch, HW, heads, head_dim), as its CPU kernel does for channels-last queries
-        glob = glob.transpose(1, 2).reshape(batch, height, width, dim).permute(0, 3, 1, 2)
+        glob = glob.transpose(-1, -2).reshape(batch, dim, height, width)
         return self.proj(local * F.silu(glob))
 
 
