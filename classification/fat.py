@@ -499,8 +499,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: FAT) -> Dic
             if match:
                 location = block_index.get((int(match.group(1)), int(match.group(2))))
                 if location is None:
-                    raise CheckpointError(f'checkpoint has block {match.group(0)[:-1]}, which this FAT variant lacks: '
-                                     'it is of another variant')
+                    raise CheckpointError(f'checkpoint has block {match.group(0)[:-1]}, which this FAT variant '
+                                          'lacks: it is of another variant')
                 key = f'{location}.{key[match.end():]}'
             for pattern, replacement in _OFFICIAL_KEY_RENAMES:
                 key = re.sub(pattern, replacement, key)
@@ -527,7 +527,7 @@ def _check_matches_architecture(state_dict: Dict[str, torch.Tensor], model: FAT)
         if unexpected:
             details.append(f'{len(unexpected)} unexpected keys, first {unexpected[0]}')
         raise CheckpointError('checkpoint does not fit this FAT variant (is it of another variant?): '
-                         + '; '.join(details))
+                              + '; '.join(details))
 
 
 def _create_fat(variant: str, pretrained: bool = False, **kwargs) -> FAT:

@@ -127,9 +127,14 @@ def resolve_amp(setting: str, device: torch.device) -> Optional[torch.dtype]:
     return {'bf16': torch.bfloat16, 'fp16': torch.float16}[setting]
 
 
+def global_batch_size(config: CfgNode, world_size: int) -> int:
+    """Images per optimizer step, over all processes and accumulated batches."""
+    return config.DATA.BATCH_SIZE * world_size * config.TRAIN.ACCUMULATION_STEPS
+
+
 def scaled_learning_rates(config: CfgNode, world_size: int) -> Dict[str, float]:
     """Learning rates of the recipe (given per 512 images), scaled linearly with the global batch."""
-    scale = config.DATA.BATCH_SIZE * world_size * config.TRAIN.ACCUMULATION_STEPS / LR_REFERENCE_BATCH
+    scale = global_batch_size(config, world_size) / LR_REFERENCE_BATCH
     return dict(lr=config.TRAIN.BASE_LR * scale, warmup_lr=config.TRAIN.WARMUP_LR * scale,
                 min_lr=config.TRAIN.MIN_LR * scale)
 
@@ -485,7 +490,7 @@ class Trainer:
         _logger.info('training %s for epochs %d-%d, %d steps each, lr %.3e for a global batch of %d', config.MODEL.NAME,
                      self.start_epoch + 1, config.TRAIN.EPOCHS, self.steps_per_epoch,
                      scaled_learning_rates(config, self.distributed.world_size)['lr'],
-                     config.DATA.BATCH_SIZE * self.distributed.world_size * config.TRAIN.ACCUMULATION_STEPS)
+                     global_batch_size(config, self.distributed.world_size))
         started = time.time()
         for epoch in range(self.start_epoch, config.TRAIN.EPOCHS):
             train_stats = self.train_one_epoch(epoch)
@@ -513,7 +518,7 @@ class Trainer:
         return dict(model=config.MODEL.NAME, epochs=config.TRAIN.EPOCHS, max_accuracy=self.max_accuracy,
                     final=self.history[-1] if self.history else None, train_seconds_this_run=time.time() - started,
                     world_size=self.distributed.world_size,
-                    global_batch=config.DATA.BATCH_SIZE * self.distributed.world_size * config.TRAIN.ACCUMULATION_STEPS,
+                    global_batch=global_batch_size(config, self.distributed.world_size),
                     history=self.history)
 
     def state(self, epoch: int) -> Dict:

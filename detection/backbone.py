@@ -17,7 +17,7 @@ from mmengine.runner.checkpoint import load_state_dict
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from classification.checkpoint_io import load_checkpoint_file, unwrap_state_dict
+from classification.checkpoint_io import CheckpointError, load_checkpoint_file, unwrap_state_dict
 from classification.fat import FAT, checkpoint_filter_fn
 
 __all__ = ['FATBackbone', 'PretrainedCheckpointError']
@@ -127,7 +127,7 @@ class FATBackbone(BaseModule):
             state_dict = unwrap_state_dict(load_checkpoint_file(path))
             # the key names are mapped onto the whole model, then loaded into the pruned one
             state_dict = checkpoint_filter_fn(state_dict, _create_fat(self.arch, drop_path_rate=None))
-        except ValueError as error:
+        except CheckpointError as error:
             raise PretrainedCheckpointError(
                 f'pretrained checkpoint {path} does not fit the FAT backbone {self.arch}: {error}') from None
         logger.info(f'FAT backbone {self.arch}: loading pretrained weights from {path} (the weights of what the '
