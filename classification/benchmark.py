@@ -38,35 +38,13 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.utils import reparameterize_model
 
-from .model_table import PAPER, count_flops, count_params
+from .model_table import count_flops, count_params
+from .registry import PEERS, model_names, published_top1
 
-FAT_MODELS = ('fat_b0', 'fat_b1', 'fat_b2', 'fat_b3')
-
-
-class Peer(NamedTuple):
-    top1: float  # ImageNet-1K top-1 (%) published by the model's own paper
-    counterpart: str  # the FAT variant of similar accuracy it is compared with
-
-
-PEERS = {
-    'mobilevit_xs': Peer(74.8, 'fat_b0'),
-    'edgenext_x_small': Peer(75.0, 'fat_b0'),
-    'edgenext_small': Peer(79.4, 'fat_b1'),
-    'efficientnet_b1': Peer(79.1, 'fat_b1'),
-    'pvt_v2_b1': Peer(78.7, 'fat_b1'),
-    'efficientnet_b3': Peer(81.6, 'fat_b2'),
-    'swin_tiny_patch4_window7_224': Peer(81.3, 'fat_b3'),
-    'convnext_small': Peer(83.1, 'fat_b3'),
-}
+FAT_MODELS = model_names('fat', published_only=True)
 
 # The paper's CPU latency claim (FAT-B0 44.3 ms vs EdgeNeXt-S 86.4 ms) and the target for B1.
 DEFAULT_COMPARISONS = ('fat_b0:edgenext_small', 'fat_b1:edgenext_small')
-
-
-def published_top1(name: str) -> Optional[float]:
-    if name in PAPER:
-        return PAPER[name].top1
-    return PEERS[name].top1 if name in PEERS else None
 
 
 def reference_fat(name: str, measured: Sequence[str]) -> Optional[str]:

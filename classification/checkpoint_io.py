@@ -1,24 +1,35 @@
-"""Reading checkpoint files without running anything they carry.
+"""Checkpoints: reading them without running anything they carry, and loading them into a model.
 
-Every checkpoint this project reads goes through ``load_checkpoint_file``:
+Reading (``load_checkpoint_file``). ``.safetensors`` files hold tensors only. Every other file is unpickled by
+one restricted unpickler, the only one in this project: it admits tensors, containers and plain data, and
+refuses every other global, so a file that smuggles a callable (an object whose ``__reduce__`` calls
+``os.system``, say) fails before anything in it runs. Besides this project's own checkpoints it reads:
 
-* ``.safetensors`` files hold tensors only.
-* Other files are first read with ``torch.load(weights_only=True)``: this project's own checkpoints hold
-  only tensors and plain data.
-* The authors' training checkpoints also hold a pickled yacs ``CfgNode``, which ``weights_only`` refuses.
-  They are read by an unpickler that admits tensors, containers and the yacs config (rebuilt as a plain
-  ``dict``, yacs is never imported) and refuses every other global, so a file that smuggles a callable
-  (an object whose ``__reduce__`` calls ``os.system``, say) fails before anything in it runs.
+* the FAT authors' training checkpoints, which hold a pickled yacs ``CfgNode`` (rebuilt as a plain ``dict``;
+  yacs is never imported);
+* the LVT authors' timm-trainer checkpoints, which hold an ``argparse.Namespace`` of the training arguments
+  (rebuilt as a plain ``dict``);
+* with ``extra_globals``, what a caller admits in addition: the OpenMMLab glue admits the logging state of
+  MMEngine's Runner checkpoints (``openmmlab.checkpoints``).
+
+Loading (``load_weights``): one path from a checkpoint to a model for every caller (timm's ``pretrained``,
+the trainer's resume and evaluation, the ONNX export, the detection and segmentation backbone), with an
+explicit policy for the classifier.
 """
+import _compat_pickle
 import collections
 import os
 import pickle
 import types
-from typing import Any, Dict, Mapping
+from typing import Any, Collection, Dict, Mapping, Optional, Tuple, Union
 
 import torch
+from torch import _weights_only_unpickler, nn
 
-__all__ = ['CheckpointError', 'UnsafeCheckpointError', 'load_checkpoint_file', 'unwrap_state_dict']
+__all__ = ['CheckpointError', 'HEAD_POLICIES', 'UnsafeCheckpointError', 'check_state_dict_fits',
+           'classifier_keys', 'load_checkpoint_file', 'load_weights', 'unwrap_state_dict']
+
+HEAD_POLICIES = ('keep', 'drop', 'fail')
 
 
 class CheckpointError(ValueError):
@@ -37,50 +48,68 @@ class _ConfigNode(dict):
         pass
 
 
+class _Namespace(dict):
+    """Stands in for argparse's Namespace while unpickling: its attributes, as items."""
+
+    def __setstate__(self, state):
+        self.update(state)
+
+
+# what torch's own ``weights_only`` unpickler admits (tensors, dtypes, devices, containers: torch's maintained list),
+# and the stand-ins for the records that the authors' checkpoints carry
 _ALLOWED_GLOBALS = {
-    ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('builtins', 'set'): set,
-    ('__builtin__', 'set'): set,
+    **{tuple(name.rsplit('.', 1)): obj for name, obj in _weights_only_unpickler._get_allowed_globals().items()},
     ('builtins', 'frozenset'): frozenset,
-    ('__builtin__', 'frozenset'): frozenset,
-    ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
-    ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
-    ('torch', 'Size'): torch.Size,
     ('yacs.config', 'CfgNode'): _ConfigNode,
+    ('argparse', 'Namespace'): _Namespace,
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        try:
-            return _ALLOWED_GLOBALS[(module, name)]
-        except KeyError:
-            raise UnsafeCheckpointError(
-                f"refusing to load '{module}.{name}': the checkpoint references code, and only tensors, "
-                f"containers and yacs configs are accepted") from None
+def _restricted_pickle_module(extra_globals: Mapping[Tuple[str, str], Any]) -> types.SimpleNamespace:
+    allowed = {**_ALLOWED_GLOBALS, **extra_globals}
 
+    class RestrictedUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            # pickle protocols 0-2 name modules as Python 2 did (``__builtin__``)
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+            try:
+                return allowed[(module, name)]
+            except KeyError:
+                raise UnsafeCheckpointError(
+                    f"refusing to load '{module}.{name}': the checkpoint references code, and only tensors, "
+                    'containers and plain data are accepted') from None
 
-# torch.load unpickles with ``pickle_module.Unpickler`` (resolving its own storage types first)
-_restricted_pickle = types.SimpleNamespace(Unpickler=_RestrictedUnpickler, load=None, __name__='restricted_pickle')
+    # torch.load unpickles with ``pickle_module.Unpickler`` (resolving its own storage types first)
+    return types.SimpleNamespace(Unpickler=RestrictedUnpickler, load=None, __name__='restricted_pickle')
 
 
 def _to_plain(obj: Any) -> Any:
-    if isinstance(obj, _ConfigNode):
+    """``obj`` with the stand-ins for yacs configs and argparse namespaces turned into plain dicts."""
+    if isinstance(obj, (_ConfigNode, _Namespace)):
         return {k: _to_plain(v) for k, v in obj.items()}
     if isinstance(obj, dict):
-        return type(obj)((k, _to_plain(v)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_plain(v) for v in obj)
+        for key, value in obj.items():
+            obj[key] = _to_plain(value)
+    elif isinstance(obj, list):
+        obj[:] = [_to_plain(value) for value in obj]
+    elif type(obj) is tuple:
+        return tuple(_to_plain(value) for value in obj)
     return obj
 
 
-def load_checkpoint_file(path: str, map_location: Any = 'cpu') -> Any:
+def load_checkpoint_file(path: Union[str, os.PathLike], map_location: Any = 'cpu',
+                         extra_globals: Optional[Mapping[Tuple[str, str], Any]] = None) -> Any:
     """Read a checkpoint file (.pth / .pt / .bin or .safetensors) as tensors and plain data.
+
+    Args:
+        path: the file.
+        map_location: as for ``torch.load``.
+        extra_globals: ``{(module, name): object}`` admitted in addition to tensors, containers and plain data;
+            ``object`` is what the name resolves to while unpickling (a stand-in that checks its arguments, say).
 
     Raises:
         FileNotFoundError: no such file.
-        UnsafeCheckpointError: the file references code (a class or function other than tensors,
-            containers and yacs configs).
+        UnsafeCheckpointError: the file references code (a class or function outside the admitted ones).
         CheckpointError: the file is not a readable checkpoint.
     """
     path = os.fspath(path)
@@ -88,36 +117,130 @@ def load_checkpoint_file(path: str, map_location: Any = 'cpu') -> Any:
         raise FileNotFoundError(f'checkpoint not found: {path}')
     if path.endswith('.safetensors'):
         import safetensors.torch
-        return safetensors.torch.load_file(path, device=str(map_location))
+        try:
+            return safetensors.torch.load_file(path, device=str(map_location or 'cpu'))
+        except Exception as error:
+            raise CheckpointError(f'{path} is not a readable safetensors file: {error}') from error
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        pass  # it references globals beyond weights_only's; the restricted unpickler decides
-    except Exception as error:
-        raise CheckpointError(f'{path} is not a readable PyTorch checkpoint: {error}') from error
-    try:
-        checkpoint = torch.load(path, map_location=map_location, pickle_module=_restricted_pickle,
-                                weights_only=False)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False,
+                                pickle_module=_restricted_pickle_module(extra_globals or {}))
     except UnsafeCheckpointError as error:
         raise UnsafeCheckpointError(f'{path}: {error}') from None
     except Exception as error:
-        raise CheckpointError(f'{path} is not a readable PyTorch checkpoint: {error}') from error
+        raise CheckpointError(f'{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error})') \
+            from error
     return _to_plain(checkpoint)
 
 
-def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
-    """The model weights of a checkpoint: its ``model`` / ``state_dict`` entry if it is a training
-    checkpoint, itself if it is a state dict; a DistributedDataParallel ``module.`` prefix is removed.
+def unwrap_state_dict(checkpoint: Mapping[str, Any], key: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """The model weights of a checkpoint: its ``key`` entry if given, else its ``model`` / ``state_dict`` entry
+    if it is a training checkpoint, else itself; a DistributedDataParallel ``module.`` prefix is removed.
     """
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f'expected a checkpoint dict, got {type(checkpoint).__name__}')
-    for key in ('model', 'state_dict'):
-        if isinstance(checkpoint.get(key), Mapping):
-            checkpoint = checkpoint[key]
-            break
+    if key is not None:
+        if not isinstance(checkpoint.get(key), Mapping):
+            raise CheckpointError(f'the checkpoint has no {key!r} weights (it has: {", ".join(map(str, checkpoint))})')
+        checkpoint = checkpoint[key]
+    else:
+        for name in ('model', 'state_dict'):
+            if isinstance(checkpoint.get(name), Mapping):
+                checkpoint = checkpoint[name]
+                break
     state_dict = {}
-    for key, value in checkpoint.items():
+    for name, value in checkpoint.items():
         if not isinstance(value, torch.Tensor):
-            raise CheckpointError(f'not a state dict: entry {key!r} is a {type(value).__name__}, not a tensor')
-        state_dict[key[len('module.'):] if key.startswith('module.') else key] = value
+            raise CheckpointError(f'not a state dict: entry {name!r} is a {type(value).__name__}, not a tensor')
+        state_dict[name[len('module.'):] if name.startswith('module.') else name] = value
     return state_dict
+
+
+def classifier_keys(model: nn.Module) -> Tuple[str, ...]:
+    """The state-dict keys of the classifier(s) that ``model.pretrained_cfg['classifier']`` names (FAT's
+    ``head.fc``; LVT-cls's ``head`` and ``aux_head``), whether or not the model has them now."""
+    names = getattr(model, 'pretrained_cfg', {}).get('classifier') or ()
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return tuple(f'{name}.{param}' for name in names for param in ('weight', 'bias'))
+
+
+def check_state_dict_fits(state_dict: Mapping[str, torch.Tensor], model: nn.Module):
+    """Raise CheckpointError naming the first mismatch if ``state_dict`` is not of ``model``'s architecture.
+    The classifier is not compared: another number of classes is a policy question, not another model."""
+    expected = model.state_dict()
+    classifier = set(classifier_keys(model))
+    body = [k for k in expected if k not in classifier]
+    missing = [k for k in body if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected and k not in classifier]
+    mismatched = [k for k in body if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        details = []
+        if mismatched:
+            k = mismatched[0]
+            details.append(f'{len(mismatched)} shape mismatches, first {k}: checkpoint '
+                           f'{tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)}')
+        if missing:
+            details.append(f'{len(missing)} missing keys, first {missing[0]}')
+        if unexpected:
+            details.append(f'{len(unexpected)} unexpected keys, first {unexpected[0]}')
+        name = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
+        raise CheckpointError(f'checkpoint does not fit {name} (is it of another variant?): ' + '; '.join(details))
+
+
+def load_weights(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping[str, Any]], head: str,
+                 key: Optional[str] = None, ignore_keys: Collection[str] = ()) -> nn.Module:
+    """Load a checkpoint's weights into ``model``, strictly.
+
+    Args:
+        model: a model of this project (its ``remap_checkpoint`` maps the authors' key names onto its own) or
+            any other timm model.
+        checkpoint: a file in any format ``load_checkpoint_file`` reads, or its content already read.
+        head: what happens to the classifier (``classifier_keys``):
+
+            * ``'keep'``: the model takes the checkpoint's classifier, resized to its number of classes;
+            * ``'drop'``: the checkpoint's classifier is loaded when it fits the model's and dropped otherwise
+              (the model keeps its own, freshly initialised one, or none);
+            * ``'fail'``: a classifier that does not fit the model's is an error.
+        key: the entry that holds the weights (``'model_ema'``, say); by default ``model`` or ``state_dict``, or
+            the checkpoint itself when it is a state dict.
+        ignore_keys: keys of the model's full architecture that this model no longer has (what
+            ``prune_intermediate_layers`` removed); the checkpoint's weights for them are skipped.
+
+    Raises:
+        CheckpointError: the checkpoint is of another architecture, or its classifier does not fit (``'fail'``).
+    """
+    if head not in HEAD_POLICIES:
+        raise ValueError(f'head must be one of {HEAD_POLICIES}, got {head!r}')
+    source = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
+    if source is not None:
+        checkpoint = load_checkpoint_file(source)
+    try:
+        state_dict = unwrap_state_dict(checkpoint, key)
+        remap = getattr(model, 'remap_checkpoint', None)
+        if remap is not None:
+            state_dict = remap(state_dict)
+        state_dict = {k: v for k, v in state_dict.items() if k not in ignore_keys}
+        check_state_dict_fits(state_dict, model)
+        _apply_head_policy(state_dict, model, head)
+    except CheckpointError as error:
+        raise CheckpointError(f'{source}: {error}' if source else str(error)) from None
+    model.load_state_dict(state_dict)
+    return model
+
+
+def _apply_head_policy(state_dict: Dict[str, torch.Tensor], model: nn.Module, head: str):
+    expected = model.state_dict()
+    keys = [k for k in classifier_keys(model) if k in state_dict or k in expected]
+    fits = all(k in state_dict and k in expected and state_dict[k].shape == expected[k].shape for k in keys)
+    if fits:
+        return
+    theirs = state_dict.get(keys[0]).shape[0] if keys and keys[0] in state_dict else 0
+    ours = expected[keys[0]].shape[0] if keys and keys[0] in expected else 0
+    if head == 'fail':
+        raise CheckpointError(f'the checkpoint classifies {theirs} classes, the model {ours}')
+    if head == 'keep':
+        model.reset_classifier(theirs)
+        return
+    # 'drop': the model's own classifier, if it has one, stays
+    for k in keys:
+        state_dict.pop(k, None)
+    state_dict.update({k: expected[k] for k in keys if k in expected})

@@ -7,9 +7,10 @@ Learning rates are given per 512 images and scaled linearly with the global batc
 import os
 from typing import Optional, Sequence
 
-import timm
 import yaml
 from yacs.config import CfgNode as CN
+
+from .registry import model_names
 
 _C = CN()
 _C.BASE = ['']
@@ -26,13 +27,12 @@ _C.DATA.PIN_MEMORY = True
 _C.DATA.NUM_WORKERS = 8
 
 _C.MODEL = CN()
-_C.MODEL.TYPE = 'fat'
-_C.MODEL.NAME = 'fat_b0'
-_C.MODEL.PRETRAINED = ''  # weights to start from (any format classification.fat reads)
+_C.MODEL.NAME = 'fat_b0'  # a model of classification.registry
+_C.MODEL.PRETRAINED = ''  # weights to start from (any format classification.checkpoint_io reads)
 _C.MODEL.RESUME = ''
 _C.MODEL.NUM_CLASSES = 1000
 _C.MODEL.DROP_RATE = 0.0
-_C.MODEL.DROP_PATH_RATE = 0.05
+_C.MODEL.DROP_PATH_RATE = None  # None: the registered model's rate
 _C.MODEL.LABEL_SMOOTHING = 0.1
 
 _C.TRAIN = CN()
@@ -49,9 +49,6 @@ _C.TRAIN.ACCUMULATION_STEPS = 1
 _C.TRAIN.USE_CHECKPOINT = False  # gradient checkpointing
 _C.TRAIN.CHANNELS_LAST = False
 _C.TRAIN.COMPILE = False
-
-_C.TRAIN.LR_SCHEDULER = CN()
-_C.TRAIN.LR_SCHEDULER.NAME = 'cosine'
 
 _C.TRAIN.OPTIMIZER = CN()
 _C.TRAIN.OPTIMIZER.NAME = 'adamw'
@@ -84,7 +81,6 @@ _C.TEST.CROP_PCT = 0.875
 # 'auto': bf16 on GPUs that support it, else fp16 with a GradScaler; off on the CPU
 _C.AMP = 'auto'
 _C.OUTPUT = 'output'
-_C.TAG = 'default'
 _C.SAVE_FREQ = 1
 _C.PRINT_FREQ = 10
 _C.SEED = 0
@@ -144,14 +140,10 @@ def load_config(cfg_path: Optional[str] = None, opts: Sequence[str] = (), **over
 def _validate(config: CN):
     if config.AMP not in AMP_CHOICES:
         raise ConfigError(f'AMP must be one of {AMP_CHOICES}, got {config.AMP!r}')
-    if config.MODEL.TYPE != 'fat':
-        raise ConfigError(f"MODEL.TYPE must be 'fat', got {config.MODEL.TYPE!r}")
-    if config.MODEL.NAME not in timm.list_models('fat_*'):
-        raise ConfigError(f"MODEL.NAME must be one of {timm.list_models('fat_*')}, got {config.MODEL.NAME!r}")
+    if config.MODEL.NAME not in model_names():
+        raise ConfigError(f'MODEL.NAME must be one of {", ".join(model_names())}, got {config.MODEL.NAME!r}')
     if config.DATA.DATASET not in ('imagefolder', 'synthetic_shapes'):
         raise ConfigError(f"DATA.DATASET must be 'imagefolder' or 'synthetic_shapes', got {config.DATA.DATASET!r}")
-    if config.TRAIN.LR_SCHEDULER.NAME != 'cosine':
-        raise ConfigError(f"TRAIN.LR_SCHEDULER.NAME: only 'cosine' is supported, got {config.TRAIN.LR_SCHEDULER.NAME!r}")
     if not 0 <= config.TRAIN.WARMUP_EPOCHS < config.TRAIN.EPOCHS:
         raise ConfigError(f'TRAIN.WARMUP_EPOCHS ({config.TRAIN.WARMUP_EPOCHS}) must be at least 0 and less than '
                           f'TRAIN.EPOCHS ({config.TRAIN.EPOCHS})')

@@ -1,13 +1,15 @@
-"""Export a FAT classifier to ONNX, with dynamic batch size and image size, and check it with onnxruntime.
+"""Export a classifier of this repository to ONNX, with dynamic batch size and image size, and check it with
+onnxruntime.
 
     python -m classification.export_onnx --model fat_b0 [--checkpoint PATH] --output fat_b0.onnx
         [--opset 18] [--exporter dynamo|torchscript] [--img-size 224] [--training-form] [--no-verify]
 
-The exported graph is the inference form (``timm.utils.reparameterize_model``: BatchNorms and residual
+The exported graph is the inference form (``timm.utils.reparameterize_model``: FAT's BatchNorms and residual
 depthwise convolutions folded) unless ``--training-form`` is given. Without ``--checkpoint`` the weights are
-freshly initialised. The graph takes ``images`` (batch x 3 x height x width, float32, any batch and size)
-and gives ``logits``. After writing it, onnxruntime runs it at two sizes and its outputs are compared with
-PyTorch's (relative error: max |difference| / max |PyTorch output|).
+freshly initialised; with one, the model takes its classifier's number of classes. The graph takes ``images``
+(batch x 3 x height x width, float32, any batch and size) and gives ``logits``. timm's ``onnx_export`` writes
+it; then onnxruntime runs it at two sizes and its outputs are compared with PyTorch's (relative error:
+max |difference| / max |PyTorch output|).
 
 Exporters: ``dynamo`` (torch.export, the default; opset 18 and above) or ``torchscript`` (the legacy
 tracer, deprecated by PyTorch; opsets 17 and above).
@@ -21,28 +23,21 @@ from typing import List, Optional, Sequence, Tuple
 import timm
 import torch
 from timm.utils import reparameterize_model
+from timm.utils.onnx import onnx_export, onnx_forward
 
-from .checkpoint_io import CheckpointError, UnsafeCheckpointError, load_checkpoint_file, unwrap_state_dict
-from .fat import checkpoint_filter_fn
-from .model_table import VARIANTS
+from .checkpoint_io import CheckpointError, UnsafeCheckpointError, load_weights
+from .registry import model_names
 
 MIN_OPSET = {'dynamo': 18, 'torchscript': 17}
 VERIFY_TOLERANCE = 1e-4
 
 
-def build_model(variant: str, checkpoint: Optional[Path] = None, deploy: bool = True) -> torch.nn.Module:
-    """``variant`` in eval mode with the weights of ``checkpoint`` (any format the project reads, its
-    classifier size taken from the checkpoint), in its inference form if ``deploy``."""
-    num_classes = 1000
-    state_dict = None
+def build_model(name: str, checkpoint: Optional[Path] = None, deploy: bool = True) -> torch.nn.Module:
+    """Model ``name`` in eval mode with the weights of ``checkpoint`` (any format the project reads, its
+    classifier kept whatever its size), in its inference form if ``deploy``."""
+    model = timm.create_model(name)
     if checkpoint is not None:
-        state_dict = unwrap_state_dict(load_checkpoint_file(str(checkpoint)))
-        head = state_dict.get('head.fc.weight', state_dict.get('head.weight'))
-        if head is not None:
-            num_classes = head.shape[0]
-    model = timm.create_model(variant, num_classes=num_classes)
-    if state_dict is not None:
-        model.load_state_dict(checkpoint_filter_fn(state_dict, model))
+        load_weights(model, checkpoint, head='keep')
     model.eval()
     return reparameterize_model(model) if deploy else model
 
@@ -57,44 +52,34 @@ def check_opset(exporter: str, opset: int):
 
 def export(model: torch.nn.Module, output: Path, opset: int = 18, exporter: str = 'dynamo',
            img_size: int = 224) -> Path:
-    """Write ``model`` as ONNX with dynamic batch, height and width."""
+    """Write ``model`` as ONNX with dynamic batch, height and width (and check the graph with onnx's checker)."""
     check_opset(exporter, opset)
     output.parent.mkdir(parents=True, exist_ok=True)
     # batch 2: an example batch of 1 would let the tracer treat the batch size as a constant
     example = torch.randn(2, 3, img_size, img_size)
-    with torch.no_grad():
-        if exporter == 'dynamo':
-            torch.onnx.export(
-                model, (example,), str(output), dynamo=True, opset_version=opset, verbose=False,
-                external_data=False, input_names=['images'], output_names=['logits'],
-                dynamic_shapes={'x': {0: 'batch', 2: 'height', 3: 'width'}})
-        else:
-            with warnings.catch_warnings():
-                warnings.filterwarnings('ignore', category=DeprecationWarning, module=r'torch\.onnx')
-                # raised by the input checks of torch.nn.functional, which hold for every traced shape
-                warnings.filterwarnings('ignore', category=torch.jit.TracerWarning, module='torch.nn.functional')
-                torch.onnx.export(
-                    model, (example,), str(output), dynamo=False, opset_version=opset,
-                    input_names=['images'], output_names=['logits'],
-                    dynamic_axes={'images': {0: 'batch', 2: 'height', 3: 'width'}, 'logits': {0: 'batch'}})
+    with torch.no_grad(), warnings.catch_warnings():
+        # the torchscript exporter is deprecated; its tracer warns about the input checks of
+        # torch.nn.functional, which hold for every traced shape
+        warnings.filterwarnings('ignore', category=DeprecationWarning, module=r'torch\.onnx|timm\.utils\.onnx')
+        warnings.filterwarnings('ignore', category=torch.jit.TracerWarning, module='torch.nn.functional')
+        onnx_export(model, str(output), example_input=example, opset=opset, dynamic_size=True,
+                    use_dynamo=exporter == 'dynamo', input_names=['images'], output_names=['logits'])
     return output
 
 
 def verify(model: torch.nn.Module, onnx_path: Path, shapes: Sequence[Tuple[int, int, int, int]]) -> List[float]:
     """Relative error of onnxruntime's outputs against ``model``'s for a random input of each shape."""
     try:
-        import onnxruntime
+        import onnxruntime  # noqa: F401  (timm's onnx_forward imports it)
     except ImportError:
         raise SystemExit('verifying the export needs onnxruntime (pip install onnxruntime), '
                          'or pass --no-verify') from None
-    session = onnxruntime.InferenceSession(str(onnx_path), providers=['CPUExecutionProvider'])
     errors = []
     for shape in shapes:
         images = torch.randn(*shape)
         with torch.no_grad():
             expected = model(images)
-        (actual,) = session.run(['logits'], {'images': images.numpy()})
-        actual = torch.from_numpy(actual)
+        actual = torch.from_numpy(onnx_forward(str(onnx_path), images))
         if actual.shape != expected.shape:
             raise RuntimeError(f'onnxruntime gave logits of shape {tuple(actual.shape)} for input {shape}, '
                                f'PyTorch {tuple(expected.shape)}')
@@ -104,8 +89,8 @@ def verify(model: torch.nn.Module, onnx_path: Path, shapes: Sequence[Tuple[int, 
 
 def main(argv: Optional[Sequence[str]] = None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--model', required=True, choices=VARIANTS, metavar='NAME',
-                        help=f'FAT variant: {", ".join(VARIANTS)}')
+    parser.add_argument('--model', required=True, choices=model_names(), metavar='NAME',
+                        help=f'one of {", ".join(model_names())}')
     parser.add_argument('--checkpoint', type=Path, help='weights to export (the authors\' or this project\'s)')
     parser.add_argument('--output', type=Path, required=True, help='the .onnx file to write')
     parser.add_argument('--opset', type=int, help='ONNX opset (default: 18 for dynamo, 17 for torchscript)')

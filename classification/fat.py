@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, GroupNorm1, trunc_normal_
@@ -37,7 +38,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq, named_apply
 
-from .checkpoint_io import CheckpointError, load_checkpoint_file, unwrap_state_dict
+from .checkpoint_io import CheckpointError, check_state_dict_fits, load_weights
 
 __all__ = ['FAT', 'checkpoint_filter_fn']
 
@@ -46,17 +47,6 @@ _logger = logging.getLogger(__name__)
 
 def _dwconv(dim: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(dim, dim, kernel_size, stride=stride, padding=kernel_size // 2, groups=dim)
-
-
-def _conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
-    """A plain ``nn.Conv2d`` with ``conv``'s geometry and the given parameters."""
-    fused = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-        dilation=conv.dilation, groups=conv.groups, bias=True, padding_mode=conv.padding_mode,
-        device=weight.device, dtype=weight.dtype)
-    fused.weight.data.copy_(weight)
-    fused.bias.data.copy_(bias)
-    return fused
 
 
 class PointwiseConv(nn.Conv2d):
@@ -95,19 +85,14 @@ class ResidualDepthwiseConv(nn.Conv2d):
         return x + self._conv_forward(x, self.weight, self.bias)
 
     def fuse(self) -> nn.Conv2d:
-        weight = self.weight.detach().clone()
+        fused = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, padding=self.padding,
+                          groups=self.groups, device=self.weight.device, dtype=self.weight.dtype)
         centre = self.kernel_size[0] // 2
-        weight[:, 0, centre, centre] += 1
-        return _conv_like(self, weight, self.bias.detach())
-
-
-def _fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """The convolution equal to ``bn(conv(x))`` with ``bn`` in eval mode."""
-    if isinstance(conv, ResidualDepthwiseConv):
-        conv = conv.fuse()
-    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-    return _conv_like(conv, conv.weight.detach() * scale.reshape(-1, 1, 1, 1),
-                      (conv.bias.detach() - bn.running_mean) * scale + bn.bias.detach())
+        with torch.no_grad():
+            fused.weight.copy_(self.weight)
+            fused.weight[:, 0, centre, centre] += 1
+            fused.bias.copy_(self.bias)
+        return fused.train(self.training)
 
 
 class ConvBnSequential(nn.Sequential):
@@ -118,7 +103,10 @@ class ConvBnSequential(nn.Sequential):
         names = list(self._modules)
         for conv_name, name in zip(names, names[1:]):
             if isinstance(self._modules[name], nn.BatchNorm2d):
-                setattr(self, conv_name, _fold_batchnorm(self._modules[conv_name], self._modules[name]))
+                conv = self._modules[conv_name]
+                if isinstance(conv, ResidualDepthwiseConv):
+                    conv = conv.fuse()
+                setattr(self, conv_name, fuse_conv_bn_eval(conv, self._modules[name]))
                 delattr(self, name)
 
 
@@ -311,6 +299,7 @@ class FAT(nn.Module):
             raise ValueError(f'depths {tuple(depths)}: stages 1-3 need >= 2 blocks (one downsamples), the last >= 1')
         self.num_classes = num_classes
         self.in_chans = in_chans
+        self.depths = tuple(depths)
         self.global_pool = global_pool
         self.drop_rate = drop_rate
         self.stem = Stem(in_chans, embed_dims[0])
@@ -429,6 +418,11 @@ class FAT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     @torch.jit.ignore
+    def remap_checkpoint(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The authors' key names renamed onto this model's; this project's pass unchanged."""
+        return remap_official_keys(state_dict, self.depths)
+
+    @torch.jit.ignore
     def load_pretrained(self, checkpoint_path: str):
         """Load a checkpoint in any supported format: the authors' training checkpoints (a dict with
         ``model``, ``epoch``, ``max_accuracy`` and a yacs ``config``), this project's checkpoints, or a
@@ -437,19 +431,7 @@ class FAT(nn.Module):
         timm routes ``pretrained_cfg_overlay=dict(file=PATH, custom_load=True)`` here. A classifier of
         another size than this model's is dropped, leaving the freshly initialised one.
         """
-        state_dict = checkpoint_filter_fn(unwrap_state_dict(load_checkpoint_file(checkpoint_path)), self)
-        own_head = self.get_classifier().state_dict()
-        head_keys = [k for k in state_dict if k.startswith('head.fc.')]
-        if any(k[len('head.fc.'):] not in own_head
-               or own_head[k[len('head.fc.'):]].shape != state_dict[k].shape for k in head_keys):
-            _logger.info('%s: classifier of another size than this model\'s, keeping a fresh one', checkpoint_path)
-            for k in head_keys:
-                del state_dict[k]
-            missing, unexpected = self.load_state_dict(state_dict, strict=False)
-            if unexpected or any(not k.startswith('head.') for k in missing):
-                raise CheckpointError(f'{checkpoint_path}: missing keys {missing}, unexpected keys {unexpected}')
-        else:
-            self.load_state_dict(state_dict)
+        load_weights(self, checkpoint_path, head='drop')
         _logger.info('Loaded pretrained weights from %s', checkpoint_path)
 
 
@@ -474,60 +456,45 @@ _OFFICIAL_KEY_RENAMES = (
 )
 
 
-def _official_block_index(model: FAT) -> Dict[Tuple[int, int], str]:
-    """Where each of the authors' ``layers.i.blocks.j`` lives in ``model``."""
+def _official_block_index(depths: Sequence[int]) -> Dict[Tuple[int, int], str]:
+    """Where each of the authors' ``layers.i.blocks.j`` lives in a FAT of these depths (the authors' count)."""
     index = {}
-    num_stages = len(model.stages)
-    for i, stage in enumerate(model.stages):
-        for j in range(len(stage.blocks)):
+    for i, depth in enumerate(depths):
+        last_stage = i == len(depths) - 1
+        for j in range(depth if last_stage else depth - 1):
             index[(i, j)] = f'stages.{i}.blocks.{j}'
-        if i + 1 < num_stages:
-            index[(i, len(stage.blocks))] = f'stages.{i + 1}.downsample'
+        if not last_stage:
+            index[(i, depth - 1)] = f'stages.{i + 1}.downsample'
     return index
 
 
+def remap_official_keys(state_dict: Dict[str, torch.Tensor], depths: Sequence[int]) -> Dict[str, torch.Tensor]:
+    """A state dict with the authors' key names renamed onto those of a FAT of these depths; one with this
+    project's names is returned as it is. Raises CheckpointError for a block such a FAT lacks."""
+    if not any(k.startswith('layers.') or k.startswith('patch_embed.') for k in state_dict):
+        return state_dict
+    block_index = _official_block_index(depths)
+    renamed = {}
+    for key, value in state_dict.items():
+        match = re.match(r'^layers\.(\d+)\.blocks\.(\d+)\.', key)
+        if match:
+            location = block_index.get((int(match.group(1)), int(match.group(2))))
+            if location is None:
+                raise CheckpointError(f'checkpoint has block {match.group(0)[:-1]}, which this FAT variant '
+                                      'lacks: it is of another variant')
+            key = f'{location}.{key[match.end():]}'
+        for pattern, replacement in _OFFICIAL_KEY_RENAMES:
+            key = re.sub(pattern, replacement, key)
+        renamed[key] = value
+    return renamed
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: FAT) -> Dict[str, torch.Tensor]:
-    """Map a state dict onto ``model``: the authors' key names are renamed, this project's pass as they
-    are. Raises CheckpointError naming the first mismatch if the weights are of another FAT variant.
-    """
-    state_dict = unwrap_state_dict(state_dict)
-    if any(k.startswith('layers.') or k.startswith('patch_embed.') for k in state_dict):
-        block_index = _official_block_index(model)
-        renamed = {}
-        for key, value in state_dict.items():
-            match = re.match(r'^layers\.(\d+)\.blocks\.(\d+)\.', key)
-            if match:
-                location = block_index.get((int(match.group(1)), int(match.group(2))))
-                if location is None:
-                    raise CheckpointError(f'checkpoint has block {match.group(0)[:-1]}, which this FAT variant '
-                                          'lacks: it is of another variant')
-                key = f'{location}.{key[match.end():]}'
-            for pattern, replacement in _OFFICIAL_KEY_RENAMES:
-                key = re.sub(pattern, replacement, key)
-            renamed[key] = value
-        state_dict = renamed
-    _check_matches_architecture(state_dict, model)
+    """timm's filter: ``state_dict`` mapped onto ``model`` (see ``remap_official_keys``). Raises CheckpointError
+    naming the first mismatch if the weights are of another FAT variant."""
+    state_dict = model.remap_checkpoint(state_dict)
+    check_state_dict_fits(state_dict, model)
     return state_dict
-
-
-def _check_matches_architecture(state_dict: Dict[str, torch.Tensor], model: FAT):
-    expected = model.state_dict()
-    body = [k for k in expected if not k.startswith('head.')]
-    missing = [k for k in body if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected and not k.startswith('head.')]
-    mismatched = [k for k in body if k in state_dict and state_dict[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        details = []
-        if mismatched:
-            k = mismatched[0]
-            details.append(f'{len(mismatched)} shape mismatches, first {k}: checkpoint '
-                           f'{tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)}')
-        if missing:
-            details.append(f'{len(missing)} missing keys, first {missing[0]}')
-        if unexpected:
-            details.append(f'{len(unexpected)} unexpected keys, first {unexpected[0]}')
-        raise CheckpointError('checkpoint does not fit this FAT variant (is it of another variant?): '
-                              + '; '.join(details))
 
 
 def _create_fat(variant: str, pretrained: bool = False, **kwargs) -> FAT:

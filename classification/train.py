@@ -32,16 +32,15 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
-from timm.utils import ModelEmaV3
+from timm.utils import ModelEmaV3, accuracy
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from yacs.config import CfgNode
 
-from .checkpoint_io import CheckpointError, UnsafeCheckpointError, load_checkpoint_file, unwrap_state_dict
+from .checkpoint_io import CheckpointError, UnsafeCheckpointError, load_checkpoint_file, load_weights
 from .config import ConfigError, load_config
 from .data import DatasetError, build_datasets, build_train_loader, build_val_loader
-from .fat import checkpoint_filter_fn
 from .synthetic_shapes import ensure_synthetic_shapes
 
 _logger = logging.getLogger('classification.train')
@@ -184,10 +183,14 @@ def build_criterion(config: CfgNode, mixup: Optional[Mixup]) -> nn.Module:
 
 
 def build_model(config: CfgNode) -> nn.Module:
-    model = timm.create_model(config.MODEL.NAME, num_classes=config.MODEL.NUM_CLASSES,
-                              drop_rate=config.MODEL.DROP_RATE, drop_path_rate=config.MODEL.DROP_PATH_RATE)
+    """The configured model; drop path at the registered model's rate unless MODEL.DROP_PATH_RATE sets one, and
+    MODEL.PRETRAINED's weights (less a classifier of another size) if given."""
+    rates = dict(drop_rate=config.MODEL.DROP_RATE)
+    if config.MODEL.DROP_PATH_RATE is not None:
+        rates['drop_path_rate'] = config.MODEL.DROP_PATH_RATE
+    model = timm.create_model(config.MODEL.NAME, num_classes=config.MODEL.NUM_CLASSES, **rates)
     if config.MODEL.PRETRAINED:
-        model.load_pretrained(config.MODEL.PRETRAINED)
+        load_weights(model, config.MODEL.PRETRAINED, head='drop')
     if config.TRAIN.USE_CHECKPOINT:
         model.set_grad_checkpointing()
     return model
@@ -257,16 +260,6 @@ class Checkpointer:
         _logger.info('saved %s%s', self.latest, ''.join(f', {name}' for name in copies))
 
 
-def load_weights(model: nn.Module, checkpoint: Dict, key: str = 'model') -> None:
-    """Load a checkpoint's weights (this trainer's or the authors' format) into ``model``."""
-    state_dict = checkpoint_filter_fn(unwrap_state_dict(checkpoint[key] if key in checkpoint else checkpoint), model)
-    classifier = state_dict.get('head.fc.weight')
-    if classifier is not None and classifier.shape[0] != model.num_classes:
-        raise CheckpointError(f'the checkpoint classifies {classifier.shape[0]} classes, MODEL.NUM_CLASSES is '
-                         f'{model.num_classes}')
-    model.load_state_dict(state_dict)
-
-
 # ---- training and evaluation --------------------------------------------------------------------------------
 
 
@@ -287,10 +280,9 @@ def evaluate(model: nn.Module, loader, distributed: Distributed, amp_dtype: Opti
             logits = model(images)
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, targets, reduction='sum').item()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top == targets[:, None]
-        correct1 += hits[:, 0].sum().item()
-        correct5 += hits.any(dim=1).sum().item()
+        acc1, acc5 = accuracy(logits, targets, topk=(1, 5))
+        correct1 += round(acc1.item() * len(targets) / 100)
+        correct5 += round(acc5.item() * len(targets) / 100)
         count += len(targets)
     correct1, correct5, count, loss_sum, corrupt = distributed.sum([correct1, correct5, count, loss_sum, corrupt]).tolist()
     if corrupt:
@@ -328,13 +320,13 @@ def evaluate_checkpoint(config: CfgNode, distributed: Distributed) -> Dict[str, 
     checkpoint = load_checkpoint_file(config.MODEL.RESUME)
     memory_format = torch.channels_last if config.TRAIN.CHANNELS_LAST else torch.preserve_format
 
-    def model_from(key: str) -> nn.Module:
+    def model_from(key: Optional[str]) -> nn.Module:
         model = build_model(config)
-        load_weights(model, checkpoint, key)
+        load_weights(model, checkpoint, head='fail', key=key)
         return model.to(distributed.device, memory_format=memory_format)
 
     ema_model = model_from('model_ema') if checkpoint.get('model_ema') is not None else None
-    metrics = evaluate_with_ema(model_from('model'), ema_model, loader, distributed,
+    metrics = evaluate_with_ema(model_from(None), ema_model, loader, distributed,
                                 resolve_amp(config.AMP, distributed.device), config.TRAIN.CHANNELS_LAST)
     _logger.info('%s on %d images: acc@1 %.2f %%  acc@5 %.2f %%%s', config.MODEL.RESUME, metrics['images'],
                  metrics['acc1'], metrics['acc5'],
@@ -391,9 +383,9 @@ class Trainer:
 
     def resume(self, path: str):
         checkpoint = load_checkpoint_file(path)
-        load_weights(self.model, checkpoint)
+        load_weights(self.model, checkpoint, head='fail')
         if self.ema is not None and 'model_ema' in checkpoint:
-            load_weights(self.ema.module, checkpoint, key='model_ema')
+            load_weights(self.ema.module, checkpoint, head='fail', key='model_ema')
         if 'optimizer' not in checkpoint:
             _logger.info('%s holds weights only: training starts at epoch %d', path, self.start_epoch)
             return

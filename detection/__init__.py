@@ -1,9 +1,8 @@
-"""FAT on MMDetection 3.x: importing this package registers the ``FAT`` backbone in MMDetection's model
-registry and makes MMEngine read local checkpoints with the restricted loader (``runner_checkpoints``)."""
+"""This project's models on MMDetection 3.x: importing this package registers their backbones (``FAT``) in
+MMDetection's model registry and makes MMEngine read local checkpoints with the restricted loader (see
+``openmmlab``)."""
 from mmdet.registry import MODELS
 
-from .backbone import FATBackbone
-from .runner_checkpoints import use_restricted_loading
+import openmmlab
 
-MODELS.register_module('FAT', module=FATBackbone)
-use_restricted_loading()
+openmmlab.register(MODELS)

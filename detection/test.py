@@ -1,7 +1,7 @@
 """Evaluate a FAT detector: ``python -m detection.test CONFIG CHECKPOINT [--work-dir DIR]
 [--cfg-options KEY=VALUE ...]`` reports COCO box (and mask) mAP; ``torchrun ... --launcher pytorch`` as for
 training."""
-from detection.cli import test
+from openmmlab.cli import test
 
 if __name__ == '__main__':
     test('python -m detection.test', 'Evaluate a FAT detector (MMDetection 3.x)')

@@ -1,10 +1,8 @@
-"""FAT on MMSegmentation 1.x: importing this package registers the ``FAT`` backbone (the one of
-``detection.backbone``) in MMSegmentation's model registry and makes MMEngine read local checkpoints with the
-restricted loader of ``detection.runner_checkpoints``."""
+"""This project's models on MMSegmentation 1.x: importing this package registers their backbones (``FAT``) in
+MMSegmentation's model registry and makes MMEngine read local checkpoints with the restricted loader (see
+``openmmlab``). MMDetection is not needed."""
 from mmseg.registry import MODELS
 
-from detection.backbone import FATBackbone
-from detection.runner_checkpoints import use_restricted_loading
+import openmmlab
 
-MODELS.register_module('FAT', module=FATBackbone)
-use_restricted_loading()
+openmmlab.register(MODELS)

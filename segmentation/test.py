@@ -1,6 +1,6 @@
 """Evaluate a FAT segmentor: ``python -m segmentation.test CONFIG CHECKPOINT [--work-dir DIR]
 [--cfg-options KEY=VALUE ...]`` reports mIoU; ``torchrun ... --launcher pytorch`` as for training."""
-from detection.cli import test
+from openmmlab.cli import test
 
 if __name__ == '__main__':
     test('python -m segmentation.test', 'Evaluate a FAT segmentor (MMSegmentation 1.x)')

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +32,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+class RunsShellCommand:
+    """Unpickling this runs a shell command: what a malicious checkpoint would carry."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
 def write_image_folder(root: Path, train_per_class: int, val_per_class: int, classes=('disc', 'bar', 'noise'),
                        corrupt: bool = False) -> Path:
     """A tiny ImageFolder dataset (train/ and val/) of 40x40 noise images with a per-class colour cue;
@@ -61,3 +72,43 @@ def classification_trainer_checkpoint(tmp_path_factory) -> Path:
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return root / 'output' / 'latest.pth'
+
+
+# ---- OpenMMLab entry points (detection and segmentation tests) ---------------------------------------------------
+
+
+def run_entry_point(module: str, *args) -> str:
+    """Run ``python -m module args`` from the repository's root; its output, after checking it succeeded."""
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get('PYTHONPATH', '')]))
+    result = subprocess.run([sys.executable, '-m', module, *map(str, args)], cwd=REPO_ROOT, env=environment,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert result.returncode == 0, result.stdout[-6000:]
+    return result.stdout
+
+
+def read_json_lines(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def cli_exit(command, *args) -> SystemExit:
+    """The SystemExit of ``openmmlab.cli.train`` or ``openmmlab.cli.test`` run in this process on bad input."""
+    with pytest.raises(SystemExit) as exit_info:
+        command('pytest', '', [str(arg) for arg in args])
+    return exit_info.value
+
+
+def build_and_check_model(cfg, config: Path, registry):
+    """Build a config's model; check its ImageNet checkpoint, neck / head widths and the header's parameter
+    count."""
+    import timm
+
+    arch = cfg.model.backbone.arch
+    assert cfg.model.backbone.init_cfg == dict(type='Pretrained', checkpoint=f'pretrained/{arch}.pth')
+    model = registry.build(cfg.model)
+    widths = timm.create_model(arch, features_only=True).feature_info.channels()
+    neck = cfg.model.get('neck')
+    in_channels = neck.in_channels if neck else cfg.model.decode_head.in_channels
+    assert list(in_channels) == model.backbone.out_channels == widths
+    num_params = sum(p.numel() for p in model.parameters())
+    assert f'# Parameters: {num_params / 1e6:.1f} M' in config.read_text()
+    return model

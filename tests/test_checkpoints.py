@@ -1,4 +1,4 @@
-import os
+import argparse
 import pickle
 
 import pytest
@@ -6,17 +6,8 @@ import safetensors.torch
 import timm
 import torch
 
-from classification.checkpoint_io import UnsafeCheckpointError, load_checkpoint_file
-
-
-class _RunsShellCommand:
-    """Unpickling this runs a shell command: what a malicious checkpoint would carry."""
-
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
+from classification.checkpoint_io import CheckpointError, UnsafeCheckpointError, load_checkpoint_file, load_weights
+from conftest import RunsShellCommand
 
 
 def create(variant='fat_b0', path=None, custom_load=False, **kwargs):
@@ -97,10 +88,53 @@ def test_not_a_checkpoint(tmp_path):
 def test_malicious_checkpoint_is_refused_without_side_effect(tmp_path, trained_b0, custom_load):
     marker = tmp_path / 'payload_ran'
     path = tmp_path / 'malicious.pth'
-    torch.save({'model': trained_b0.state_dict(), 'config': _RunsShellCommand(f'touch {marker}')}, path)
+    torch.save({'model': trained_b0.state_dict(), 'config': RunsShellCommand(f'touch {marker}')}, path)
     with pytest.raises((pickle.UnpicklingError, RuntimeError)) as refusal:
         create(path=path, custom_load=custom_load, num_classes=10)
     assert 'system' in str(refusal.value)
     if custom_load:
         assert isinstance(refusal.value, UnsafeCheckpointError)
+    assert not marker.exists()
+
+
+def test_head_policies(tmp_path, trained_b0):
+    path = tmp_path / 'b0_10_classes.pth'
+    torch.save({'model': trained_b0.state_dict(), 'epoch': 1}, path)
+    body = {k: v for k, v in trained_b0.state_dict().items() if not k.startswith('head.')}
+
+    with pytest.raises(CheckpointError, match='the checkpoint classifies 10 classes, the model 5'):
+        load_weights(timm.create_model('fat_b0', num_classes=5), path, head='fail')
+
+    model = timm.create_model('fat_b0', num_classes=5)
+    fresh_head = model.get_classifier().weight.clone()
+    load_weights(model, path, head='drop')
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in body.items())
+    assert torch.equal(model.get_classifier().weight, fresh_head)
+
+    model = load_weights(timm.create_model('fat_b0', num_classes=5), path, head='keep')
+    assert model.num_classes == 10
+    images = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(logits(model, images), logits(trained_b0, images), rtol=0, atol=0)
+
+    # a classifier that fits loads under every policy
+    for head in ('keep', 'drop', 'fail'):
+        model = load_weights(timm.create_model('fat_b0', num_classes=10), path, head=head)
+        torch.testing.assert_close(logits(model, images), logits(trained_b0, images), rtol=0, atol=0)
+
+
+def test_training_arguments_read_as_plain_data(tmp_path, trained_b0):
+    """timm-trainer checkpoints (the LVT authors') carry their arguments as an argparse.Namespace."""
+    path = tmp_path / 'timm_trainer.pth'
+    arguments = argparse.Namespace(model='fat_b0', lr=1.6e-3, sched='cosine', mean=None, crop_pct=(0.875, 0.96))
+    torch.save({'state_dict': trained_b0.state_dict(), 'args': arguments, 'epoch': 299, 'arch': 'fat_b0'}, path)
+    checkpoint = load_checkpoint_file(path)
+    assert type(checkpoint['args']) is dict and checkpoint['args'] == vars(arguments)
+    model = load_weights(timm.create_model('fat_b0', num_classes=10), checkpoint, head='fail')
+    assert torch.equal(model.get_classifier().weight, trained_b0.get_classifier().weight)
+
+    marker = tmp_path / 'payload_ran'
+    arguments.hook = RunsShellCommand(f'touch {marker}')
+    torch.save({'state_dict': trained_b0.state_dict(), 'args': arguments}, path)
+    with pytest.raises(UnsafeCheckpointError, match='system'):
+        load_checkpoint_file(path)
     assert not marker.exists()

@@ -1,52 +1,22 @@
-"""COCO detection with FAT on MMDetection: the backbone, the configs, the entry points, checkpoint safety."""
+"""COCO detection with FAT on MMDetection: the configs, the entry points."""
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import timm
 import torch
 from mmengine.config import Config
-from mmengine.logging import HistoryBuffer
-from mmengine.runner.checkpoint import _load_checkpoint
 from mmdet.registry import MODELS
 from mmdet.testing import demo_mm_inputs
 
-import detection.cli
-from classification.checkpoint_io import UnsafeCheckpointError
-from detection.backbone import FATBackbone, PretrainedCheckpointError
+from conftest import REPO_ROOT, build_and_check_model, cli_exit, read_json_lines, run_entry_point
+from openmmlab import cli
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DETECTION_CONFIGS = sorted((REPO_ROOT / 'configs' / 'detection').glob('*.py'))
-WIDTHS = {'fat_b0': [32, 80, 160, 256], 'fat_b1': [48, 96, 192, 384], 'fat_b2': [64, 128, 256, 512],
-          'fat_b3': [64, 128, 256, 512], 'fat_b3_st': [96, 192, 384, 768], 'fat_b4': [96, 192, 384, 768],
-          'fat_b5': [128, 256, 512, 1024]}
-# a FAT layout given as arguments, quick to build
-TINY_LAYOUT = dict(embed_dims=(16, 32, 48, 64), depths=(2, 2, 2, 1), num_heads=(1, 2, 3, 4))
 IMAGE_SIZE = (128, 96)
 CATEGORIES = [{'id': 1, 'name': 'disc'}, {'id': 2, 'name': 'box'}]
-
-
-class _RunsShellCommand:
-    """Unpickling this runs a shell command: what a malicious checkpoint would carry."""
-
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
-
-
-class _GetsAttribute:
-    """Unpickling this calls getattr(HistoryBuffer, 'update'): a method that is no statistic."""
-
-    def __reduce__(self):
-        return getattr, (HistoryBuffer, 'update')
 
 
 def _polygon(rng, category):
@@ -128,18 +98,6 @@ def dataset_options(root: Path, stage: str, split: str) -> list:
     return options
 
 
-def run_entry_point(module: str, *args) -> str:
-    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get('PYTHONPATH', '')]))
-    result = subprocess.run([sys.executable, '-m', module, *map(str, args)], cwd=REPO_ROOT, env=environment,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert result.returncode == 0, result.stdout[-6000:]
-    return result.stdout
-
-
-def read_json_lines(path: Path) -> list:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 @pytest.fixture(scope='module', params=['retinanet', 'mask-rcnn'])
 def trained_detector(request, tmp_path_factory, tiny_coco, classification_trainer_checkpoint):
     """A FAT-B0 detector trained one epoch (4 iterations of 2 images) through ``python -m detection.train``,
@@ -155,7 +113,7 @@ def trained_detector(request, tmp_path_factory, tiny_coco, classification_traine
 
 
 def test_training_from_a_classification_checkpoint(trained_detector, classification_trainer_checkpoint):
-    assert f'loading pretrained weights from {classification_trainer_checkpoint}' in trained_detector['log']
+    assert f'loaded pretrained weights from {classification_trainer_checkpoint}' in trained_detector['log']
     scalars = read_json_lines(next(trained_detector['work_dir'].glob('*/vis_data/scalars.json')))
     losses = [entry['loss'] for entry in scalars]
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
@@ -173,59 +131,50 @@ def test_evaluation_reports_coco_map(trained_detector, tiny_coco, tmp_path):
         assert 0 <= metrics[f'coco/{kind}_mAP'] <= 1
 
 
-def exit_message(command, *args) -> SystemExit:
-    """The SystemExit of ``detection.cli.train`` or ``detection.cli.test`` run in this process on bad input."""
-    with pytest.raises(SystemExit) as exit_info:
-        command('pytest', '', [str(arg) for arg in args])
-    return exit_info.value
-
-
 def test_test_refuses_a_checkpoint_of_another_model(trained_detector, tiny_coco, tmp_path):
     other = 'retinanet' if trained_detector['detector'] == 'mask-rcnn' else 'mask-rcnn'
     checkpoint = trained_detector['work_dir'] / 'epoch_1.pth'
-    error = exit_message(detection.cli.test, tiny_config(tmp_path, other), checkpoint, '--work-dir',
-                         tmp_path / 'work_dir', '--cfg-options', *dataset_options(tiny_coco, 'test', 'val'))
+    error = cli_exit(cli.test, tiny_config(tmp_path, other), checkpoint, '--work-dir',
+                     tmp_path / 'work_dir', '--cfg-options', *dataset_options(tiny_coco, 'test', 'val'))
     assert 'does not fit the model of' in str(error)
 
 
 def test_training_refuses_a_backbone_checkpoint_of_another_variant(tiny_coco, classification_trainer_checkpoint,
                                                                    tmp_path):
-    error = exit_message(detection.cli.train, tiny_config(tmp_path, 'retinanet'), '--work-dir', tmp_path / 'work_dir',
-                         '--cfg-options', *dataset_options(tiny_coco, 'train', 'train'),
-                         'model.backbone.arch=fat_b1', 'model.neck.in_channels=[48,96,192,384]',
-                         f'model.backbone.init_cfg.checkpoint={classification_trainer_checkpoint}')
+    error = cli_exit(cli.train, tiny_config(tmp_path, 'retinanet'), '--work-dir', tmp_path / 'work_dir',
+                     '--cfg-options', *dataset_options(tiny_coco, 'train', 'train'),
+                     'model.backbone.arch=fat_b1', 'model.neck.in_channels=[48,96,192,384]',
+                     f'model.backbone.init_cfg.checkpoint={classification_trainer_checkpoint}')
     message = str(error)
-    assert f'pretrained checkpoint {classification_trainer_checkpoint} does not fit the FAT backbone fat_b1' in message
+    assert f'pretrained checkpoint {classification_trainer_checkpoint} does not fit the FATBackbone fat_b1' in message
     assert 'another variant' in message
 
 
 def test_training_reports_a_missing_dataset(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # where the config's relative data/coco/ does not exist
     config = REPO_ROOT / 'configs' / 'detection' / 'retinanet_fat-b0_fpn_1x_coco.py'
-    error = exit_message(detection.cli.train, config, '--cfg-options',
-                         f'train_dataloader.dataset.data_root={tmp_path}/missing/')
+    error = cli_exit(cli.train, config, '--cfg-options', f'train_dataloader.dataset.data_root={tmp_path}/missing/')
     assert error.code == 2
     message = capsys.readouterr().err
     assert f'train_dataloader.dataset.data_root: {tmp_path}/missing/' in message
     assert 'val_dataloader.dataset.data_root: data/coco/' in message  # the config's default, not overridden
 
 
-def test_training_names_an_unknown_backbone_argument(tiny_coco, tmp_path):
-    error = exit_message(detection.cli.train, tiny_config(tmp_path, 'retinanet'), '--work-dir', tmp_path / 'work_dir',
-                         '--cfg-options', *dataset_options(tiny_coco, 'train', 'train'),
-                         'model.backbone.frozen_stage=1')
-    assert "unexpected keyword argument 'frozen_stage'" in str(error)
+def test_training_names_an_unknown_backbone_argument(tiny_coco, tmp_path, capsys):
+    error = cli_exit(cli.train, tiny_config(tmp_path, 'retinanet'), '--work-dir', tmp_path / 'work_dir',
+                     '--cfg-options', *dataset_options(tiny_coco, 'train', 'train'), 'model.backbone.frozen_stage=1')
+    assert error.code == 2
+    message = capsys.readouterr().err
+    assert "model.backbone: unexpected keyword argument 'frozen_stage'" in message
+    assert 'FAT takes arch, out_indices, frozen_stages' in message
 
 
-def build_and_check_fat_model(cfg: Config, config: Path, registry):
-    """Build a config's model; check its ImageNet checkpoint, FPN widths and the header's parameter count."""
-    assert cfg.model.backbone.init_cfg == dict(type='Pretrained',
-                                               checkpoint=f'pretrained/{cfg.model.backbone.arch}.pth')
-    model = registry.build(cfg.model)
-    assert list(cfg.model.neck.in_channels) == model.backbone.out_channels == WIDTHS[cfg.model.backbone.arch]
-    num_params = sum(p.numel() for p in model.parameters())
-    assert f'# Parameters: {num_params / 1e6:.1f} M' in config.read_text()
-    return model
+def test_an_upstream_component_error_keeps_its_traceback(tiny_coco, tmp_path):
+    # not this project's error: a bug or a typo in MMDetection's part of the config is not hidden
+    with pytest.raises(TypeError, match="unexpected keyword argument 'no_such_argument'"):
+        cli.train('pytest', '', [str(tiny_config(tmp_path, 'retinanet')), '--work-dir', str(tmp_path / 'work_dir'),
+                                 '--cfg-options', *dataset_options(tiny_coco, 'train', 'train'),
+                                 'model.bbox_head.no_such_argument=1'])
 
 
 @pytest.mark.parametrize('config', DETECTION_CONFIGS, ids=lambda path: path.stem)
@@ -237,7 +186,7 @@ def test_config_follows_the_protocol_builds_and_computes_finite_losses(config):
     for pipeline in (cfg.train_dataloader.dataset.pipeline, cfg.test_dataloader.dataset.pipeline):
         assert [(t.scale, t.keep_ratio) for t in pipeline if t.type == 'Resize'] == [((1333, 800), True)]
     assert cfg.model.backbone.type == 'FAT' and cfg.model.backbone.norm_eval
-    model = build_and_check_fat_model(cfg, config, MODELS)
+    model = build_and_check_model(cfg, config, MODELS)
 
     data = demo_mm_inputs(batch_size=1, image_shapes=[(3, 96, 128)], num_items=[2], num_classes=80, with_mask=True)
     with torch.no_grad():
@@ -246,100 +195,3 @@ def test_config_follows_the_protocol_builds_and_computes_finite_losses(config):
     assert torch.isfinite(total_loss)
 
 
-def _features(model, images):
-    with torch.no_grad():
-        return model.eval()(images)
-
-
-def test_backbone_is_the_classification_pyramid(classification_trainer_checkpoint):
-    backbone = FATBackbone('fat_b0',
-                           init_cfg=dict(type='Pretrained', checkpoint=str(classification_trainer_checkpoint)))
-    backbone.init_weights()
-    reference = timm.create_model('fat_b0', features_only=True, pretrained=True,
-                                  pretrained_cfg_overlay=dict(file=str(classification_trainer_checkpoint)))
-    images = torch.randn(2, 3, 72, 100)
-    features = _features(backbone, images)
-    assert [f.shape[1] for f in features] == backbone.out_channels == WIDTHS['fat_b0']
-    assert [f.shape[-2:] for f in features] == [(18, 25), (9, 13), (5, 7), (3, 4)]
-    for feature, expected in zip(features, _features(reference, images)):
-        torch.testing.assert_close(feature, expected, rtol=0, atol=0)
-
-
-def test_backbone_loads_the_authors_checkpoint(reference_dir):
-    path = reference_dir / 'fat_b0_official_format.pth'
-    backbone = FATBackbone('fat_b0', init_cfg=dict(type='Pretrained', checkpoint=str(path)))
-    backbone.init_weights()
-    reference = timm.create_model('fat_b0', features_only=True, pretrained=True,
-                                  pretrained_cfg_overlay=dict(file=str(path), custom_load=True))
-    images = torch.randn(1, 3, 64, 64)
-    for feature, expected in zip(_features(backbone, images), _features(reference, images)):
-        torch.testing.assert_close(feature, expected, rtol=0, atol=0)
-    with pytest.raises(PretrainedCheckpointError, match='fat_b1.*another variant'):
-        FATBackbone('fat_b1', init_cfg=dict(type='Pretrained', checkpoint=str(path))).init_weights()
-
-
-def test_backbone_refuses_checkpoints_it_cannot_use(classification_trainer_checkpoint, tmp_path):
-    with pytest.raises(PretrainedCheckpointError, match='fat_b1.*another variant'):
-        FATBackbone('fat_b1', init_cfg=dict(type='Pretrained',
-                                            checkpoint=str(classification_trainer_checkpoint))).init_weights()
-    with pytest.raises(FileNotFoundError, match='missing.pth'):
-        FATBackbone(init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'missing.pth'))).init_weights()
-    marker = tmp_path / 'payload_ran'
-    torch.save({'model': {}, 'config': _RunsShellCommand(f'touch {marker}')}, tmp_path / 'malicious.pth')
-    with pytest.raises(UnsafeCheckpointError, match='system'):
-        FATBackbone(init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'malicious.pth'))).init_weights()
-    assert not marker.exists()
-
-
-def test_backbone_options(classification_trainer_checkpoint):
-    backbone = FATBackbone('fat_b0', out_indices=(1, 2), frozen_stages=2, norm_eval=True, drop_path_rate=0.3,
-                           norm_cfg=dict(type='GN', num_groups=1),
-                           init_cfg=dict(type='Pretrained', checkpoint=str(classification_trainer_checkpoint)))
-    backbone.init_weights()  # a whole model's checkpoint fits the pruned one
-    assert len(backbone.fat.stages) == 3 and backbone.out_channels == [80, 160]
-    features = backbone.train()(torch.randn(2, 3, 64, 96))
-    assert [f.shape[1:] for f in features] == [(80, 8, 12), (160, 4, 6)]
-    assert all(isinstance(norm, torch.nn.GroupNorm) for norm in backbone.out_norms)
-
-    frozen = [backbone.fat.stem, backbone.fat.stages[0], backbone.fat.stages[1]]
-    assert not any(p.requires_grad for module in frozen for p in module.parameters())
-    assert all(p.requires_grad for p in backbone.fat.stages[2].parameters())
-    assert not any(m.training for module in frozen for m in module.modules())
-    batch_norms = [m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert batch_norms and not any(m.training for m in batch_norms)
-    assert backbone.fat.stages[2].blocks[-1].drop_path2.drop_prob > 0
-
-    assert FATBackbone(TINY_LAYOUT).out_channels == [16, 32, 48, 64]
-
-
-@pytest.mark.parametrize('arguments, message', [
-    (dict(arch='fat_b9'), "unknown FAT arch 'fat_b9'"),
-    (dict(out_indices=(2, 1)), 'out_indices must be increasing'),
-    (dict(out_indices=(0, 4)), 'out_indices must be increasing'),
-    (dict(frozen_stages=5), 'frozen_stages must be in -1..4'),
-    (dict(init_cfg=dict(type='Normal')), "init_cfg must be None or dict\\(type='Pretrained'"),
-])
-def test_backbone_names_bad_arguments(arguments, message):
-    with pytest.raises(ValueError, match=message):
-        FATBackbone(**dict(dict(arch=TINY_LAYOUT), **arguments))
-
-
-@pytest.mark.parametrize('payload', ['shell', 'getattr'])
-def test_runner_checkpoint_loader_refuses_code(tmp_path, payload):
-    marker = tmp_path / 'payload_ran'
-    smuggled = _RunsShellCommand(f'touch {marker}') if payload == 'shell' else _GetsAttribute()
-    path = tmp_path / 'epoch_1.pth'
-    torch.save({'meta': {'epoch': 1}, 'state_dict': {'w': torch.zeros(1)}, 'message_hub': smuggled}, path)
-    with pytest.raises(UnsafeCheckpointError, match='system' if payload == 'shell' else "getattr.*'update'"):
-        _load_checkpoint(str(path))  # MMEngine's loading, as for load_from and --resume
-    assert not marker.exists()
-
-
-def test_runner_checkpoint_loader_reads_the_logging_state(tmp_path):
-    buffer = HistoryBuffer()
-    buffer.update(np.float64(0.5))
-    path = tmp_path / 'iter_1.pth'
-    torch.save({'message_hub': {'log_scalars': {'loss': buffer}, 'runtime_info': {'iter': np.int64(1)}}}, path)
-    checkpoint = _load_checkpoint(str(path))
-    assert checkpoint['message_hub']['log_scalars']['loss'].mean() == 0.5
-    assert checkpoint['message_hub']['runtime_info']['iter'] == 1

@@ -7,7 +7,10 @@ import torch
 from timm.optim import create_optimizer_v2
 
 from classification.fat import checkpoint_filter_fn
-from classification.model_table import PAPER, VARIANTS, count_flops, count_params
+from classification.model_table import count_flops, count_params
+from classification.registry import MODELS, model_names
+
+VARIANTS = model_names('fat')
 
 # b3_st, b4 and b5 were never released: their sizes are those stated for the inferred configurations
 INFERRED_PARAMS_M = {'fat_b3_st': 29.3, 'fat_b4': 51.7, 'fat_b5': 90.6}
@@ -55,7 +58,8 @@ def test_every_variant_trains_forward_and_backward(variant):
 @pytest.mark.parametrize('variant', ['fat_b0', 'fat_b1', 'fat_b2', 'fat_b3'])
 def test_params_within_two_percent_of_paper(variant):
     params_m = count_params(timm.create_model(variant)) / 1e6
-    assert abs(params_m - PAPER[variant].params_m) / PAPER[variant].params_m < 0.02
+    paper = MODELS[variant].paper
+    assert abs(params_m - paper.params_m) / paper.params_m < 0.02
 
 
 @pytest.mark.parametrize('variant', sorted(INFERRED_PARAMS_M))
@@ -175,3 +179,7 @@ def test_torch_compile_matches_eager_forward_and_backward():
     torch.testing.assert_close(compiled_logits, eager, rtol=1e-4, atol=1e-4)
     for eager_grad, compiled_grad in zip(eager_grads, compiled_grads):
         torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-3, atol=1e-4)
+
+
+def test_registry_lists_exactly_the_registered_models():
+    assert sorted(model_names()) == sorted(timm.list_models(module=['fat']))

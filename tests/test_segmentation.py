@@ -11,9 +11,8 @@ from mmengine.structures import PixelData
 from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
 
-import detection.cli
-# the fixture that writes the classification trainer's checkpoint is shared with the detection tests
-from test_detection import REPO_ROOT, build_and_check_fat_model, exit_message, read_json_lines, run_entry_point
+from conftest import REPO_ROOT, build_and_check_model, cli_exit, read_json_lines, run_entry_point
+from openmmlab import cli
 
 SEGMENTATION_CONFIGS = sorted((REPO_ROOT / 'configs' / 'segmentation').glob('*.py'))
 CONFIG = REPO_ROOT / 'configs' / 'segmentation' / 'fpn_fat-b0_4xb4-80k_ade20k-512x512.py'
@@ -67,7 +66,7 @@ def trained_segmentor(tmp_path_factory, tiny_ade20k, classification_trainer_chec
 
 
 def test_training_from_a_classification_checkpoint(trained_segmentor, classification_trainer_checkpoint):
-    assert f'loading pretrained weights from {classification_trainer_checkpoint}' in trained_segmentor['logs'][0]
+    assert f'loaded pretrained weights from {classification_trainer_checkpoint}' in trained_segmentor['logs'][0]
     first_run = min(trained_segmentor['work_dir'].glob('*/vis_data/scalars.json'))
     assert [(entry['iter'], math.isfinite(entry['loss'])) for entry in read_json_lines(first_run)] == [(1, True)]
     assert (trained_segmentor['work_dir'] / 'iter_1.pth').is_file()
@@ -92,8 +91,7 @@ def test_evaluation_reports_miou(trained_segmentor, tiny_ade20k, tmp_path):
 
 
 def test_training_reports_a_missing_dataset(tmp_path, capsys):
-    error = exit_message(detection.cli.train, CONFIG, '--cfg-options',
-                         f'train_dataloader.dataset.data_root={tmp_path}/ade')
+    error = cli_exit(cli.train, CONFIG, '--cfg-options', f'train_dataloader.dataset.data_root={tmp_path}/ade')
     assert error.code == 2
     assert f'train_dataloader.dataset.data_root: {tmp_path}/ade' in capsys.readouterr().err
 
@@ -107,7 +105,7 @@ def test_config_follows_the_protocol_builds_and_computes_finite_losses(config):
     crop = [t.crop_size for t in cfg.train_dataloader.dataset.pipeline if t.type == 'RandomCrop']
     assert crop == [(512, 512)] and cfg.model.data_preprocessor.size == (512, 512)
     assert [t.scale for t in cfg.test_dataloader.dataset.pipeline if t.type == 'Resize'] == [(2048, 512)]
-    model = build_and_check_fat_model(cfg, config, MODELS)
+    model = build_and_check_model(cfg, config, MODELS)
 
     labels = torch.randint(0, 150, (1, 72, 100))
     sample = SegDataSample(gt_sem_seg=PixelData(data=labels), metainfo=dict(img_shape=(72, 100), ori_shape=(72, 100)))

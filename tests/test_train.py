@@ -17,7 +17,7 @@ from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS, AugmentOp
 from classification.checkpoint_io import load_checkpoint_file
 from classification.config import get_defaults, load_config
 from classification.data import build_datasets, build_transform
-from classification.train import build_scheduler, main
+from classification.train import build_model, build_scheduler, main
 from conftest import write_image_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +83,15 @@ def test_variant_configs_differ_only_in_model():
         assert config.MODEL.NAME == path.stem and config.MODEL.NAME in timm.list_models('fat_*')
         for section in ('DATA', 'TRAIN', 'AUG', 'TEST'):
             assert config[section] == defaults[section], (path, section)
+
+
+def test_drop_path_defaults_to_the_registered_models_rate():
+    def final_drop_path(config_path=B0_CONFIG, *opts):
+        return build_model(load_config(config_path, opts)).stages[-1].blocks[-1].drop_path2.drop_prob
+
+    assert final_drop_path(str(REPO_ROOT / 'configs' / 'classification' / 'fat_b3.yaml')) == pytest.approx(0.15)
+    assert final_drop_path() == pytest.approx(0.05)
+    assert final_drop_path(B0_CONFIG, 'MODEL.DROP_PATH_RATE', '0.2') == pytest.approx(0.2)
 
 
 @pytest.mark.parametrize('world_size,per_gpu_batch', [(4, 128), (8, 128)])

@@ -2,10 +2,12 @@
 
 MMDetection's and MMSegmentation's ``tools/train.py`` and ``tools/test.py`` on MMEngine's Runner (the same
 arguments, the same ``--cfg-options`` overrides), with bad input reported in a short message instead of a
-traceback: a missing config, dataset folder or checkpoint, a config the builder rejects, a checkpoint that
-carries code or does not fit the model.
+traceback: a missing config, dataset folder or checkpoint, backbone arguments this project's backbone does not
+take, a checkpoint that carries code or does not fit the model. Every other error, from the config of an
+upstream component say, keeps its traceback.
 """
 import argparse
+import inspect
 import os
 import os.path as osp
 import sys
@@ -14,16 +16,15 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
-from classification.checkpoint_io import UnsafeCheckpointError
+from classification.checkpoint_io import CheckpointError, UnsafeCheckpointError
 
-from .backbone import PretrainedCheckpointError
+from .backbone import BACKBONES, BackboneConfigError
 
 __all__ = ['train', 'test']
 
-# missing files, refused or ill-fitting checkpoints: reported without a traceback wherever they surface
-_INPUT_ERRORS = (FileNotFoundError, UnsafeCheckpointError, PretrainedCheckpointError)
-# what MMEngine's builder raises for a config it cannot build (an unknown type, an unexpected argument)
-_CONFIG_ERRORS = (KeyError, TypeError, ValueError)
+# missing files, refused or ill-fitting checkpoints, backbone arguments out of range: this project's own errors,
+# reported without a traceback wherever they surface
+_INPUT_ERRORS = (FileNotFoundError, CheckpointError, UnsafeCheckpointError, BackboneConfigError)
 
 
 def _add_common_arguments(parser: argparse.ArgumentParser):
@@ -48,7 +49,7 @@ def _load_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> C
     if args.cfg_options:
         try:
             cfg.merge_from_dict(args.cfg_options)
-        except _CONFIG_ERRORS as error:
+        except (KeyError, TypeError, ValueError) as error:
             parser.error(f'--cfg-options: {error}')
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
@@ -96,10 +97,26 @@ def _check_datasets(parser: argparse.ArgumentParser, cfg: Config, stages: Sequen
                      f'{missing[0][0]}=PATH (see the README)')
 
 
+def _check_backbone_arguments(parser: argparse.ArgumentParser, cfg: Config):
+    """The arguments of a backbone of this project against what its class takes."""
+    backbone = (cfg.get('model') or {}).get('backbone') or {}
+    backbone_class = BACKBONES.get(backbone.get('type'))
+    if backbone_class is None:
+        return
+    parameters = inspect.signature(backbone_class).parameters
+    unexpected = sorted(set(backbone) - {'type'} - set(parameters))
+    missing = [name for name, parameter in parameters.items()
+               if parameter.default is inspect.Parameter.empty and name not in backbone]
+    if unexpected or missing:
+        problems = [f"unexpected keyword argument '{name}'" for name in unexpected]
+        problems += [f"missing argument '{name}'" for name in missing]
+        parser.error(f"model.backbone: {'; '.join(problems)} ({backbone['type']} takes {', '.join(parameters)})")
+
+
 def _build_runner(cfg: Config) -> Runner:
     try:
         return Runner.from_cfg(cfg)
-    except _INPUT_ERRORS + _CONFIG_ERRORS as error:
+    except _INPUT_ERRORS as error:
         sys.exit(f'error: cannot build the runner from the config: {error}')
 
 
@@ -127,6 +144,7 @@ def train(prog: str, description: str, argv: Optional[Sequence[str]] = None):
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
     _check_datasets(parser, cfg, ['train', 'val'] if cfg.get('val_cfg') else ['train'])
+    _check_backbone_arguments(parser, cfg)
 
     runner = _build_runner(cfg)
     try:
@@ -146,6 +164,7 @@ def test(prog: str, description: str, argv: Optional[Sequence[str]] = None):
     if not osp.isfile(args.checkpoint):
         parser.error(f'checkpoint not found: {args.checkpoint}')
     _check_datasets(parser, cfg, ['test'])
+    _check_backbone_arguments(parser, cfg)
 
     runner = _build_runner(cfg)
     try:

@@ -1,0 +1,181 @@
+"""The OpenMMLab glue shared by detection and segmentation: the backbone wrapper over the classification models
+and MMEngine's checkpoints read by the restricted unpickler. Needs MMEngine and MMCV only."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+from mmengine.logging import HistoryBuffer
+from mmengine.runner.checkpoint import _load_checkpoint, load_state_dict
+
+from classification.checkpoint_io import UnsafeCheckpointError
+from conftest import REPO_ROOT, RunsShellCommand
+from openmmlab.backbone import BackboneConfigError, FATBackbone, PretrainedCheckpointError
+from openmmlab.checkpoints import use_restricted_loading
+
+# a FAT layout given as arguments, quick to build
+TINY_LAYOUT = dict(embed_dims=(16, 32, 48, 64), depths=(2, 2, 2, 1), num_heads=(1, 2, 3, 4))
+
+
+class _GetsAttribute:
+    """Unpickling this calls getattr(HistoryBuffer, 'update'): a method that is no statistic."""
+
+    def __reduce__(self):
+        return getattr, (HistoryBuffer, 'update')
+
+
+def _features(model, images):
+    with torch.no_grad():
+        return model.eval()(images)
+
+
+def test_backbone_is_the_classification_pyramid(classification_trainer_checkpoint):
+    backbone = FATBackbone('fat_b0',
+                           init_cfg=dict(type='Pretrained', checkpoint=str(classification_trainer_checkpoint)))
+    backbone.init_weights()
+    reference = timm.create_model('fat_b0', features_only=True, pretrained=True,
+                                  pretrained_cfg_overlay=dict(file=str(classification_trainer_checkpoint)))
+    images = torch.randn(2, 3, 72, 100)
+    features = _features(backbone, images)
+    assert [f.shape[1] for f in features] == backbone.out_channels == [32, 80, 160, 256]
+    assert [f.shape[-2:] for f in features] == [(18, 25), (9, 13), (5, 7), (3, 4)]
+    for feature, expected in zip(features, _features(reference, images)):
+        torch.testing.assert_close(feature, expected, rtol=0, atol=0)
+
+
+def test_backbone_loads_the_authors_checkpoint(reference_dir):
+    path = reference_dir / 'fat_b0_official_format.pth'
+    backbone = FATBackbone('fat_b0', init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    backbone.init_weights()
+    reference = timm.create_model('fat_b0', features_only=True, pretrained=True,
+                                  pretrained_cfg_overlay=dict(file=str(path), custom_load=True))
+    images = torch.randn(1, 3, 64, 64)
+    for feature, expected in zip(_features(backbone, images), _features(reference, images)):
+        torch.testing.assert_close(feature, expected, rtol=0, atol=0)
+    with pytest.raises(PretrainedCheckpointError, match='fat_b1.*another variant'):
+        FATBackbone('fat_b1', init_cfg=dict(type='Pretrained', checkpoint=str(path))).init_weights()
+
+
+def test_backbone_refuses_checkpoints_it_cannot_use(classification_trainer_checkpoint, tmp_path):
+    with pytest.raises(PretrainedCheckpointError, match='fat_b1.*another variant'):
+        FATBackbone('fat_b1', init_cfg=dict(type='Pretrained',
+                                            checkpoint=str(classification_trainer_checkpoint))).init_weights()
+    with pytest.raises(FileNotFoundError, match='missing.pth'):
+        FATBackbone('fat_b0', init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'missing.pth'))).init_weights()
+    marker = tmp_path / 'payload_ran'
+    torch.save({'model': {}, 'config': RunsShellCommand(f'touch {marker}')}, tmp_path / 'malicious.pth')
+    with pytest.raises(UnsafeCheckpointError, match='system'):
+        FATBackbone('fat_b0', init_cfg=dict(type='Pretrained',
+                                        checkpoint=str(tmp_path / 'malicious.pth'))).init_weights()
+    assert not marker.exists()
+
+
+def test_backbone_options(classification_trainer_checkpoint):
+    backbone = FATBackbone('fat_b0', out_indices=(1, 2), frozen_stages=2, norm_eval=True, drop_path_rate=0.3,
+                           norm_cfg=dict(type='GN', num_groups=1),
+                           init_cfg=dict(type='Pretrained', checkpoint=str(classification_trainer_checkpoint)))
+    backbone.init_weights()  # a whole model's checkpoint fits the pruned one
+    assert len(backbone.model.stages) == 3 and backbone.out_channels == [80, 160]
+    features = backbone.train()(torch.randn(2, 3, 64, 96))
+    assert [f.shape[1:] for f in features] == [(80, 8, 12), (160, 4, 6)]
+    assert all(isinstance(norm, torch.nn.GroupNorm) for norm in backbone.out_norms)
+
+    frozen = [backbone.model.stem, backbone.model.stages[0], backbone.model.stages[1]]
+    assert not any(p.requires_grad for module in frozen for p in module.parameters())
+    assert all(p.requires_grad for p in backbone.model.stages[2].parameters())
+    assert not any(m.training for module in frozen for m in module.modules())
+    batch_norms = [m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert batch_norms and not any(m.training for m in batch_norms)
+    assert backbone.model.stages[2].blocks[-1].drop_path2.drop_prob > 0
+
+    assert FATBackbone(TINY_LAYOUT).out_channels == [16, 32, 48, 64]
+
+
+@pytest.mark.parametrize('arguments, message', [
+    (dict(arch='fat_b9'), "FATBackbone: unknown arch 'fat_b9'"),
+    (dict(out_indices=(2, 1)), 'out_indices must be increasing'),
+    (dict(out_indices=(0, 4)), 'out_indices must be increasing'),
+    (dict(frozen_stages=5), 'frozen_stages must be in -1..4'),
+    (dict(init_cfg=dict(type='Normal')), "init_cfg must be None or dict\\(type='Pretrained'"),
+])
+def test_backbone_names_bad_arguments(arguments, message):
+    with pytest.raises(BackboneConfigError, match=message):
+        FATBackbone(**dict(dict(arch=TINY_LAYOUT), **arguments))
+
+
+@pytest.mark.parametrize('payload', ['shell', 'getattr'])
+def test_runner_checkpoint_loader_refuses_code(tmp_path, payload):
+    marker = tmp_path / 'payload_ran'
+    smuggled = RunsShellCommand(f'touch {marker}') if payload == 'shell' else _GetsAttribute()
+    path = tmp_path / 'epoch_1.pth'
+    torch.save({'meta': {'epoch': 1}, 'state_dict': {'w': torch.zeros(1)}, 'message_hub': smuggled}, path)
+    with pytest.raises(UnsafeCheckpointError, match='system' if payload == 'shell' else "getattr.*'update'"):
+        _load_checkpoint(str(path))  # MMEngine's loading, as for load_from and --resume
+    assert not marker.exists()
+
+
+def test_runner_checkpoint_loader_reads_the_logging_state(tmp_path):
+    buffer = HistoryBuffer()
+    buffer.update(np.float64(0.5))
+    path = tmp_path / 'iter_1.pth'
+    torch.save({'message_hub': {'log_scalars': {'loss': buffer}, 'runtime_info': {'iter': np.int64(1)}}}, path)
+    checkpoint = _load_checkpoint(str(path))
+    assert checkpoint['message_hub']['log_scalars']['loss'].mean() == 0.5
+    assert checkpoint['message_hub']['runtime_info']['iter'] == 1
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _restricted_loading():
+    use_restricted_loading()
+
+
+def test_backbone_loads_strictly_into_the_pruned_model(tmp_path):
+    """The weights of the stages, norm and classifier the backbone dropped are skipped; any other key that does
+    not fit is an error, even one that would land in a dropped part of another model."""
+    source = timm.create_model('fat_b0', num_classes=10)
+    torch.save(source.state_dict(), tmp_path / 'fat_b0.pth')
+    backbone = FATBackbone('fat_b0', out_indices=(0, 1),
+                           init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'fat_b0.pth')))
+    backbone.init_weights()
+    for name, value in backbone.model.state_dict().items():
+        torch.testing.assert_close(value, source.state_dict()[name], rtol=0, atol=0)
+
+    extra = dict(source.state_dict(), **{'stages.1.blocks.0.attn.extra': torch.zeros(1)})
+    torch.save(extra, tmp_path / 'extra.pth')
+    with pytest.raises(PretrainedCheckpointError, match=r'1 unexpected keys, first stages\.1\.blocks\.0\.attn\.extra'):
+        FATBackbone('fat_b0', out_indices=(0, 1),
+                    init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'extra.pth'))).init_weights()
+
+
+def test_detector_checkpoints_of_the_former_layout_load():
+    """Detectors and segmentors saved before the wrapper served other models held it as ``backbone.fat``."""
+    backbone = FATBackbone(TINY_LAYOUT)
+    legacy = {f'backbone.fat.{key}': value + 1 for key, value in backbone.model.state_dict().items()}
+    holder = torch.nn.Module()
+    holder.backbone = backbone
+    load_state_dict(holder, legacy, strict=True)
+    for key, value in backbone.model.state_dict().items():
+        torch.testing.assert_close(value, legacy[f'backbone.fat.{key}'], rtol=0, atol=0)
+
+
+def test_segmentation_needs_no_mmdetection():
+    """An MMSegmentation user without MMDetection: the segmentor builds and runs, and its checkpoints load
+    through the restricted loader."""
+    script = '''
+import sys
+sys.modules['mmdet'] = None  # importing MMDetection now fails, as where it is not installed
+import torch
+from mmengine.config import Config
+from mmseg.registry import MODELS
+import segmentation
+cfg = Config.fromfile('configs/segmentation/fpn_fat-b0_4xb4-80k_ade20k-512x512.py')
+model = MODELS.build(cfg.model).eval()
+with torch.no_grad():
+    print(model(torch.randn(1, 3, 64, 64), mode='tensor').shape)
+print('mmdet' in sys.modules and sys.modules['mmdet'] is not None)
+'''
+    result = subprocess.run([sys.executable, '-c', script], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split('\n')[:2] == ['torch.Size([1, 150, 16, 16])', 'False']
