@@ -47,15 +47,15 @@ ext_modules, cmdclass = cuda_extensions()
 setup(
     name='fat-vit',
     version='0.1.0',
-    description='FAT (Lightweight Vision Transformer with Bidirectional Interaction): models, ImageNet training, '
-                'COCO detection and ADE20K segmentation',
+    description='FAT (Lightweight Vision Transformer with Bidirectional Interaction) and LVT (Lite Vision '
+                'Transformer): models, ImageNet training, COCO detection and ADE20K segmentation',
     long_description=(ROOT / 'README.md').read_text(),
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     python_requires='>=3.10',
     packages=find_packages(include=['classification', 'classification.*', 'openmmlab', 'openmmlab.*', 'detection',
                                     'detection.*', 'segmentation', 'segmentation.*', 'kernels', 'kernels.*']),
-    install_requires=pinned('torch', 'torchvision', 'timm', 'pillow', 'yacs', 'safetensors', 'fvcore', 'tqdm',
+    install_requires=pinned('torch', 'torchvision', 'timm', 'pillow', 'yacs', 'tlt', 'safetensors', 'fvcore', 'tqdm',
                             'tensorboard'),
     extras_require={
         'detection': pinned('mmcv', 'mmengine', 'mmdet', 'pycocotools'),

@@ -39,23 +39,24 @@ from timm.optim import create_optimizer_v2
 from timm.utils import reparameterize_model
 
 from .model_table import count_flops, count_params
-from .registry import PEERS, model_names, published_top1
-
-FAT_MODELS = model_names('fat', published_only=True)
+from .registry import MODELS, PEERS, compared_models, counterpart, published_top1
 
 # The paper's CPU latency claim (FAT-B0 44.3 ms vs EdgeNeXt-S 86.4 ms) and the issue's target for B1.
 DEFAULT_COMPARISONS = ('fat_b0:edgenext_small', 'fat_b1:edgenext_small')
 
 
+def is_fat(name: str) -> bool:
+    return name in MODELS and MODELS[name].family == 'fat'
+
+
 def reference_fat(name: str, measured: Sequence[str]) -> Optional[str]:
     """The FAT model a figure is divided by: the model itself if it is FAT, else its counterpart when that was
     measured, else the first FAT model measured (None when none was)."""
-    if name.startswith('fat_'):
+    if is_fat(name):
         return name
-    counterpart = PEERS[name].counterpart if name in PEERS else None
-    if counterpart in measured:
-        return counterpart
-    return next((m for m in measured if m.startswith('fat_')), None)
+    if counterpart(name) in measured:
+        return counterpart(name)
+    return next((m for m in measured if is_fat(m)), None)
 
 
 class Candidate(NamedTuple):
@@ -325,10 +326,10 @@ def plot_accuracy_against_throughput(result: Dict, path: Path):
     batch_size = result['settings']['throughput_batch_sizes'][-1]
     rows = [row for row in result['rows'] if row['top1'] is not None]
     figure, axes = plt.subplots(figsize=(6, 4))
-    for is_fat, style in ((True, dict(color='tab:red', marker='o')), (False, dict(color='tab:blue', marker='s'))):
-        chosen = [row for row in rows if row['model'].startswith('fat_') == is_fat]
+    for fat_rows, style in ((True, dict(color='tab:red', marker='o')), (False, dict(color='tab:blue', marker='s'))):
+        chosen = [row for row in rows if is_fat(row['model']) == fat_rows]
         axes.plot([row[f'throughput_b{batch_size}'] for row in chosen], [row['top1'] for row in chosen],
-                  linestyle='-' if is_fat else 'none', label='FAT' if is_fat else 'peers', **style)
+                  linestyle='-' if fat_rows else 'none', label='FAT' if fat_rows else 'peers', **style)
         for row in chosen:
             axes.annotate(row['model'], (row[f'throughput_b{batch_size}'], row['top1']), fontsize=7,
                           xytext=(3, 3), textcoords='offset points')
@@ -346,8 +347,8 @@ def plot_accuracy_against_throughput(result: Dict, path: Path):
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
-    parser.add_argument('--models', nargs='+', metavar='NAME', default=FAT_MODELS + tuple(PEERS),
-                        help='timm model names (default: FAT-B0...B3 and the paper\'s peers)')
+    parser.add_argument('--models', nargs='+', metavar='NAME', default=compared_models() + tuple(PEERS),
+                        help='timm model names (default: FAT-B0...B3, LVT and the FAT paper\'s other peers)')
     parser.add_argument('--threads', type=int, default=2, help='CPU threads (default: 2)')
     parser.add_argument('--warmup', type=int, default=10, help='warm-up passes per model (default: 10)')
     parser.add_argument('--latency-rounds', type=int, default=100, help='batch-1 rounds (default: 100)')

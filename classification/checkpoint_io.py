@@ -17,7 +17,6 @@ the trainer's resume and evaluation, the ONNX export, the detection and segmenta
 explicit policy for the classifier.
 """
 import _compat_pickle
-import collections
 import os
 import pickle
 import types

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import yaml
 from yacs.config import CfgNode as CN
 
-from .registry import model_names
+from .registry import MODELS, model_names
 
 _C = CN()
 _C.BASE = ['']
@@ -37,7 +37,8 @@ _C.MODEL.LABEL_SMOOTHING = 0.1
 
 _C.TRAIN = CN()
 _C.TRAIN.START_EPOCH = 0
-_C.TRAIN.EPOCHS = 300
+_C.TRAIN.EPOCHS = 300  # of the schedule: warm-up, then cosine decay to MIN_LR
+_C.TRAIN.COOLDOWN_EPOCHS = 0  # then this many epochs at MIN_LR
 _C.TRAIN.WARMUP_EPOCHS = 20
 _C.TRAIN.WEIGHT_DECAY = 0.05
 _C.TRAIN.BASE_LR = 5e-4
@@ -74,6 +75,16 @@ _C.AUG.MIXUP_PROB = 1.0
 _C.AUG.MIXUP_SWITCH_PROB = 0.5
 _C.AUG.MIXUP_MODE = 'batch'
 
+# Token labelling (LV-ViT's; LVT's recipe), for models with per-token predictions (lvt_cls): the class token learns
+# the image label, mixed by MixToken's box; every patch token the dense score map of its place (DATA), or, without
+# score maps, its image's label.
+_C.TOKEN_LABEL = CN()
+_C.TOKEN_LABEL.ENABLED = False
+_C.TOKEN_LABEL.DATA = ''  # a folder of score maps, one <class folder>/<image name>.pt per training image
+_C.TOKEN_LABEL.MIX_TOKEN = True
+_C.TOKEN_LABEL.CLS_WEIGHT = 1.0
+_C.TOKEN_LABEL.DENSE_WEIGHT = 0.5
+
 _C.TEST = CN()
 _C.TEST.CROP = True  # resize to IMG_SIZE / 0.875 and centre-crop IMG_SIZE; else resize to IMG_SIZE
 _C.TEST.CROP_PCT = 0.875
@@ -92,6 +103,11 @@ AMP_CHOICES = ('auto', 'bf16', 'fp16', 'off')
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
+
+
+def total_epochs(config: CN) -> int:
+    """Epochs of a run: the schedule's and the cool-down's."""
+    return config.TRAIN.EPOCHS + config.TRAIN.COOLDOWN_EPOCHS
 
 
 def get_defaults() -> CN:
@@ -142,11 +158,22 @@ def _validate(config: CN):
         raise ConfigError(f'AMP must be one of {AMP_CHOICES}, got {config.AMP!r}')
     if config.MODEL.NAME not in model_names():
         raise ConfigError(f'MODEL.NAME must be one of {", ".join(model_names())}, got {config.MODEL.NAME!r}')
+    if config.TOKEN_LABEL.ENABLED:
+        capable = [name for name, entry in MODELS.items() if entry.token_labelling]
+        if config.MODEL.NAME not in capable:
+            raise ConfigError(f'TOKEN_LABEL.ENABLED needs a model with per-token predictions ({", ".join(capable)}), '
+                              f'MODEL.NAME is {config.MODEL.NAME!r}')
+        if config.AUG.MIXUP > 0 or config.AUG.CUTMIX > 0 or config.AUG.CUTMIX_MINMAX is not None:
+            raise ConfigError('token labelling mixes with MixToken: set AUG.MIXUP and AUG.CUTMIX to 0')
+    elif config.TOKEN_LABEL.DATA:
+        raise ConfigError('TOKEN_LABEL.DATA (--token-label-data) is set but TOKEN_LABEL.ENABLED is not')
     if config.DATA.DATASET not in ('imagefolder', 'synthetic_shapes'):
         raise ConfigError(f"DATA.DATASET must be 'imagefolder' or 'synthetic_shapes', got {config.DATA.DATASET!r}")
     if not 0 <= config.TRAIN.WARMUP_EPOCHS < config.TRAIN.EPOCHS:
         raise ConfigError(f'TRAIN.WARMUP_EPOCHS ({config.TRAIN.WARMUP_EPOCHS}) must be at least 0 and less than '
                           f'TRAIN.EPOCHS ({config.TRAIN.EPOCHS})')
+    if config.TRAIN.COOLDOWN_EPOCHS < 0:
+        raise ConfigError(f'TRAIN.COOLDOWN_EPOCHS must be >= 0, got {config.TRAIN.COOLDOWN_EPOCHS}')
     for key, value in (('DATA.BATCH_SIZE', config.DATA.BATCH_SIZE),
                        ('TRAIN.ACCUMULATION_STEPS', config.TRAIN.ACCUMULATION_STEPS),
                        ('TRAIN.EPOCHS', config.TRAIN.EPOCHS), ('SAVE_FREQ', config.SAVE_FREQ)):

@@ -1,4 +1,5 @@
-"""ImageNet-style data: ImageFolder train/ and val/ splits, timm's transforms, distributed sampling.
+"""ImageNet-style data: ImageFolder train/ and val/ splits, timm's transforms, distributed sampling, and the dense
+score maps of token labelling.
 
 A corrupt or unreadable image never stops training: it is logged with its path and skipped. In training
 the next readable image of the split takes its place, so every batch keeps its size (which DDP, SyncBN,
@@ -6,12 +7,16 @@ Mixup and torch.compile rely on); in evaluation it is left out, so accuracy coun
 """
 import logging
 import os
-from typing import List, Optional, Tuple
+import random
+from typing import Any, List, Optional, Tuple
 
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision import transforms
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from yacs.config import CfgNode
@@ -20,6 +25,7 @@ _logger = logging.getLogger(__name__)
 
 # what PIL raises for truncated, invalid or unreadable image files
 _IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+SCORE_MAP_SUFFIX = '.pt'
 
 
 class DatasetError(ValueError):
@@ -57,7 +63,7 @@ class CheckedImageFolder(ImageFolder):
         super().__init__(root, transform=transform)
         self.replace_corrupt = replace_corrupt
 
-    def __getitem__(self, index: int) -> Optional[Tuple[torch.Tensor, int, int]]:
+    def __getitem__(self, index: int) -> Optional[Tuple[torch.Tensor, Any, int]]:
         for corrupt in range(len(self.samples)):
             path, target = self.samples[(index + corrupt) % len(self.samples)]
             try:
@@ -67,18 +73,97 @@ class CheckedImageFolder(ImageFolder):
                 if not self.replace_corrupt:
                     return None
                 continue
-            return self.transform(image) if self.transform else image, target, corrupt
+            return (*self.prepare(path, image, target), corrupt)
         raise DatasetError(f'no readable image in {self.root}')
 
+    def prepare(self, path: str, image, target: int) -> Tuple[Any, Any]:
+        """The item of a readable image: the transformed image and its target."""
+        return self.transform(image) if self.transform else image, target
 
-def collate_skipping_corrupt(batch: List[Optional[Tuple]]) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """Stack the readable items of a batch; returns images, targets and the number of corrupt files."""
+
+class CropFlipWithBox:
+    """The random resized crop and horizontal flip of timm's training transform (its ``primary`` part), which
+    also report where the crop lies, (x0, y0, x1, y1) as fractions of the image, and whether it was flipped."""
+
+    def __init__(self, primary: transforms.Compose):
+        steps = list(primary.transforms)
+        if not steps or not isinstance(steps[0], RandomResizedCropAndInterpolation) or not all(
+                isinstance(step, transforms.RandomHorizontalFlip) for step in steps[1:]):
+            raise ValueError(f'expected a random resized crop and horizontal flips, got {primary}')
+        self.crop = steps[0]
+        self.flip_probability = steps[1].p if len(steps) > 1 else 0.
+
+    def __call__(self, image) -> Tuple[object, torch.Tensor, bool]:
+        width, height = image.size
+        top, left, crop_height, crop_width = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
+        interpolation = self.crop.interpolation
+        if isinstance(interpolation, (tuple, list)):
+            interpolation = random.choice(interpolation)
+        image = TF.resized_crop(image, top, left, crop_height, crop_width, list(self.crop.size), interpolation)
+        flipped = torch.rand(1).item() < self.flip_probability
+        if flipped:
+            image = TF.hflip(image)
+        box = torch.tensor([left / width, top / height, (left + crop_width) / width, (top + crop_height) / height])
+        return image, box, flipped
+
+
+class TokenLabelImageFolder(CheckedImageFolder):
+    """Training images with their dense score maps for token labelling, in LV-ViT's format: one tensor file
+    ``SCORE_MAPS/<class folder>/<image name without extension>.pt`` per image, of shape (2, k, H, W): the top-k scores
+    of a teacher at each of H x W places of the whole image, then their class indices. Items are ``(image, (label,
+    score map, crop box, flipped), corrupt)``: the random resized crop and the flip of timm's training transform are
+    reported with the image (``CropFlipWithBox``), so that the targets follow them (``token_labelling``).
+    RandAugment's geometric operations (shear, translate, rotate) move the image, not its score map (LV-ViT's ``tlt``
+    moves both).
+
+    Args:
+        root: the split's folder of class folders.
+        score_maps: the folder of score maps, with the same class folders.
+        primary, secondary, final: timm's training transform in its three parts (``create_transform(...,
+            separate=True)``): crop and flip, augmentation, tensor conversion.
+    """
+
+    def __init__(self, root: str, score_maps: str, primary: transforms.Compose, secondary: transforms.Compose,
+                 final: transforms.Compose):
+        super().__init__(root, transform=None, replace_corrupt=True)
+        if not os.path.isdir(score_maps):
+            raise DatasetError(f'token-label data {score_maps} not found')
+        self.score_maps = score_maps
+        self.crop_flip = CropFlipWithBox(primary)
+        self.augment = transforms.Compose([secondary, final])
+        listed = set()  # every score map, each folder listed once
+        for class_folder in self.classes:
+            folder = os.path.join(score_maps, class_folder)
+            if os.path.isdir(folder):
+                listed.update(os.path.join(folder, name) for name in os.listdir(folder))
+        missing = [path for path, _ in self.samples if self.score_map_path(path) not in listed]
+        if missing:
+            raise DatasetError(f'{len(missing)} of {len(self.samples)} training images have no score map in '
+                               f'{score_maps}, first {missing[0]} (expected {self.score_map_path(missing[0])})')
+
+    def score_map_path(self, image_path: str) -> str:
+        class_folder = os.path.basename(os.path.dirname(image_path))
+        name = os.path.splitext(os.path.basename(image_path))[0]
+        return os.path.join(self.score_maps, class_folder, name + SCORE_MAP_SUFFIX)
+
+    def prepare(self, path: str, image, target: int):
+        score_map_path = self.score_map_path(path)
+        score_map = torch.load(score_map_path, map_location='cpu', weights_only=True)
+        if not isinstance(score_map, torch.Tensor) or score_map.dim() != 4 or score_map.shape[0] != 2:
+            raise DatasetError(f'{score_map_path}: expected a tensor of shape (2, k, H, W) (top-k scores, then '
+                               f'their class indices), got {getattr(score_map, "shape", type(score_map).__name__)}')
+        image, box, flipped = self.crop_flip(image)
+        return self.augment(image), (target, score_map.float(), box, flipped)
+
+
+def collate_skipping_corrupt(batch: List[Optional[Tuple]]) -> Tuple[torch.Tensor, Any, int]:
+    """Stack the readable items of a batch; returns images, targets (stacked as ``default_collate`` does: labels,
+    or tuples of tensors) and the number of corrupt files."""
     items = [item for item in batch if item is not None]
     corrupt = len(batch) - len(items) + sum(item[2] for item in items)
     if not items:
         return torch.empty(0), torch.empty(0, dtype=torch.long), corrupt
-    images = torch.stack([item[0] for item in items])
-    targets = torch.tensor([item[1] for item in items], dtype=torch.long)
+    images, targets = default_collate([item[:2] for item in items])
     return images, targets, corrupt
 
 
@@ -95,7 +180,9 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def build_transform(config: CfgNode, is_training: bool):
+def build_transform(config: CfgNode, is_training: bool, separate: bool = False):
+    """timm's transform of the recipe; in training with ``separate``, its three parts (crop and flip,
+    augmentation, tensor conversion)."""
     if is_training:
         auto_augment = config.AUG.AUTO_AUGMENT if config.AUG.AUTO_AUGMENT.lower() != 'none' else None
         return create_transform(
@@ -103,7 +190,7 @@ def build_transform(config: CfgNode, is_training: bool):
             color_jitter=config.AUG.COLOR_JITTER if config.AUG.COLOR_JITTER > 0 else None,
             auto_augment=auto_augment, interpolation=config.DATA.INTERPOLATION,
             re_prob=config.AUG.REPROB, re_mode=config.AUG.REMODE, re_count=config.AUG.RECOUNT,
-            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, separate=separate)
     return create_transform(
         config.DATA.IMG_SIZE, is_training=False, interpolation=config.DATA.INTERPOLATION,
         crop_pct=config.TEST.CROP_PCT if config.TEST.CROP else 1.0,
@@ -126,7 +213,11 @@ def build_datasets(config: CfgNode) -> Tuple[CheckedImageFolder, CheckedImageFol
     if len(train_classes) > config.MODEL.NUM_CLASSES:
         raise DatasetError(f'{root} has {len(train_classes)} classes but MODEL.NUM_CLASSES is '
                            f'{config.MODEL.NUM_CLASSES}')
-    train = CheckedImageFolder(train_dir, build_transform(config, is_training=True), replace_corrupt=True)
+    if config.TOKEN_LABEL.DATA:
+        train = TokenLabelImageFolder(train_dir, config.TOKEN_LABEL.DATA,
+                                      *build_transform(config, is_training=True, separate=True))
+    else:
+        train = CheckedImageFolder(train_dir, build_transform(config, is_training=True), replace_corrupt=True)
     val = CheckedImageFolder(val_dir, build_transform(config, is_training=False), replace_corrupt=False)
     return train, val
 

@@ -51,8 +51,9 @@ def format_table(rows: List[Dict], markdown: bool = False) -> str:
     lines = []
     for row in rows:
         paper = MODELS[row['model']].paper
-        published = ['–'] * 3 if paper is None else [f'{paper.params_m:.1f}', f'{paper.gflops:.1f}', f'{paper.top1:.1f}']
-        lines.append([row['model'], f"{row['params_m']:.2f}", published[0], f"{row['gflops']:.2f}", *published[1:]])
+        figures = (paper.params_m, paper.gflops, paper.top1) if paper else (None, None, None)
+        params_m, gflops, top1 = ('–' if figure is None else f'{figure:.1f}' for figure in figures)
+        lines.append([row['model'], f"{row['params_m']:.2f}", params_m, f"{row['gflops']:.2f}", gflops, top1])
     if markdown:
         table = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
         table += ['| ' + ' | '.join(line) + ' |' for line in lines]

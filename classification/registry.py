@@ -7,7 +7,8 @@ entry here.
 """
 from typing import Dict, NamedTuple, Optional, Tuple
 
-__all__ = ['MODELS', 'PEERS', 'ModelEntry', 'PaperFigures', 'Peer', 'model_names', 'published_top1']
+__all__ = ['MODELS', 'PEERS', 'ModelEntry', 'PaperFigures', 'Peer', 'compared_models', 'counterpart', 'model_names',
+           'published_top1']
 
 
 class PaperFigures(NamedTuple):
@@ -22,6 +23,8 @@ class ModelEntry(NamedTuple):
     family: str  # the module of classification/ that defines it
     paper: Optional[PaperFigures] = None
     published: bool = True  # False: never released, its layout inferred from the paper
+    counterpart: Optional[str] = None  # for another family's model: the FAT model it is compared with
+    token_labelling: bool = False  # has per-token predictions to train with token labelling
 
 
 class Peer(NamedTuple):
@@ -43,6 +46,11 @@ MODELS = _entries(
     ModelEntry('fat_b3_st', 'fat', PaperFigures(29.0, 4.7, 83.0), published=False),
     ModelEntry('fat_b4', 'fat', PaperFigures(52.0, 9.3, 84.8), published=False),
     ModelEntry('fat_b5', 'fat', PaperFigures(88.0, 15.1, 85.2), published=False),
+    # LVT: the backbone with a pooled classifier, and the paper's ImageNet model (its Table 1, and the FAT paper's
+    # GPU throughput comparison)
+    ModelEntry('lvt', 'lvt'),
+    ModelEntry('lvt_cls', 'lvt', PaperFigures(5.5, 0.9, 74.8, gpu_throughput=1265), counterpart='fat_b0',
+               token_labelling=True),
 )
 
 PEERS = {
@@ -61,6 +69,18 @@ def model_names(family: Optional[str] = None, published_only: bool = False) -> T
     """The registered models, of one family if given, only those released by their authors if asked."""
     return tuple(name for name, entry in MODELS.items()
                  if (family is None or entry.family == family) and (entry.published or not published_only))
+
+
+def compared_models() -> Tuple[str, ...]:
+    """The models of this repository in its papers' comparisons: released, with published figures."""
+    return tuple(name for name, entry in MODELS.items() if entry.published and entry.paper)
+
+
+def counterpart(name: str) -> Optional[str]:
+    """The FAT model that a model of another family or a peer is compared with (None for FAT's own)."""
+    if name in MODELS:
+        return MODELS[name].counterpart
+    return PEERS[name].counterpart if name in PEERS else None
 
 
 def published_top1(name: str) -> Optional[float]:

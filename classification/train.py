@@ -1,4 +1,5 @@
-"""Train and evaluate FAT on ImageNet-style data, on one process or many (torchrun, DDP).
+"""Train and evaluate the models of this repository (FAT, LVT) on ImageNet-style data, on one process or many
+(torchrun, DDP).
 
     python -m classification.train --cfg configs/classification/fat_b0.yaml --data-path /data/imagenet
     torchrun --nproc_per_node 8 -m classification.train --cfg configs/classification/fat_b0.yaml \\
@@ -35,13 +36,15 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3, accuracy
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._pytree import tree_map
 from tqdm import tqdm
 from yacs.config import CfgNode
 
 from .checkpoint_io import CheckpointError, UnsafeCheckpointError, load_checkpoint_file, load_weights
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, total_epochs
 from .data import DatasetError, build_datasets, build_train_loader, build_val_loader
 from .synthetic_shapes import ensure_synthetic_shapes
+from .token_labelling import TokenLabelLoss
 
 _logger = logging.getLogger('classification.train')
 
@@ -92,12 +95,15 @@ class Distributed:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description='Train or evaluate FAT', formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description='Train or evaluate FAT or LVT',
+                                     formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument('--cfg', required=True, metavar='FILE', help='yacs config file')
     parser.add_argument('--data-path', help='dataset folder with train/ and val/ (DATA.DATA_PATH)')
     parser.add_argument('--batch-size', type=int, help='images per process (DATA.BATCH_SIZE)')
     parser.add_argument('--output', help='folder for checkpoints and logs (OUTPUT)')
     parser.add_argument('--resume', metavar='CKPT', help='checkpoint to resume from or to evaluate (MODEL.RESUME)')
+    parser.add_argument('--token-label-data', metavar='DIR',
+                        help='score maps for token labelling (TOKEN_LABEL.DATA; the model\'s config enables it)')
     parser.add_argument('--eval', action='store_true', help='evaluate --resume CKPT and exit')
     parser.add_argument('--throughput', action='store_true', help='measure inference img/s and exit')
     parser.add_argument('--opts', nargs='+', default=[], metavar='KEY VALUE', help='config overrides, e.g. TRAIN.EPOCHS 2')
@@ -175,6 +181,9 @@ def build_mixup(config: CfgNode) -> Optional[Mixup]:
 
 
 def build_criterion(config: CfgNode, mixup: Optional[Mixup]) -> nn.Module:
+    if config.TOKEN_LABEL.ENABLED:
+        return TokenLabelLoss(config.MODEL.NUM_CLASSES, cls_weight=config.TOKEN_LABEL.CLS_WEIGHT,
+                              dense_weight=config.TOKEN_LABEL.DENSE_WEIGHT, smoothing=config.MODEL.LABEL_SMOOTHING)
     if mixup is not None:
         return SoftTargetCrossEntropy()  # Mixup already smooths the targets
     if config.MODEL.LABEL_SMOOTHING > 0:
@@ -183,12 +192,15 @@ def build_criterion(config: CfgNode, mixup: Optional[Mixup]) -> nn.Module:
 
 
 def build_model(config: CfgNode) -> nn.Module:
-    """The configured model; drop path at the registered model's rate unless MODEL.DROP_PATH_RATE sets one, and
-    MODEL.PRETRAINED's weights (less a classifier of another size) if given."""
-    rates = dict(drop_rate=config.MODEL.DROP_RATE)
+    """The configured model; drop path at the registered model's rate unless MODEL.DROP_PATH_RATE sets one, its
+    dense training output for token labelling, and MODEL.PRETRAINED's weights (less a classifier of another size)
+    if given."""
+    options = dict(drop_rate=config.MODEL.DROP_RATE)
     if config.MODEL.DROP_PATH_RATE is not None:
-        rates['drop_path_rate'] = config.MODEL.DROP_PATH_RATE
-    model = timm.create_model(config.MODEL.NAME, num_classes=config.MODEL.NUM_CLASSES, **rates)
+        options['drop_path_rate'] = config.MODEL.DROP_PATH_RATE
+    if config.TOKEN_LABEL.ENABLED:
+        options.update(return_dense=True, mix_token=config.TOKEN_LABEL.MIX_TOKEN)
+    model = timm.create_model(config.MODEL.NAME, num_classes=config.MODEL.NUM_CLASSES, **options)
     if config.MODEL.PRETRAINED:
         load_weights(model, config.MODEL.PRETRAINED, head='drop')
     if config.TRAIN.USE_CHECKPOINT:
@@ -342,6 +354,7 @@ class Trainer:
         self.device = distributed.device
         self.amp_dtype = resolve_amp(config.AMP, self.device)
         self.channels_last = config.TRAIN.CHANNELS_LAST
+        self.epochs = total_epochs(config)
         self.checkpointer = Checkpointer(config.OUTPUT, distributed)
 
         train_set, val_set = prepare_datasets(config, distributed)
@@ -373,6 +386,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.mixup = build_mixup(config)
         self.criterion = build_criterion(config, self.mixup)
+        if config.TOKEN_LABEL.ENABLED:
+            _logger.info('token labelling%s, MixToken %s', f' with the score maps of {config.TOKEN_LABEL.DATA}'
+                         if config.TOKEN_LABEL.DATA else ' without score maps (no TOKEN_LABEL.DATA): the patch tokens '
+                         "learn their image's label", 'on' if config.TOKEN_LABEL.MIX_TOKEN else 'off')
         self.start_epoch = config.TRAIN.START_EPOCH
         self.max_accuracy = 0.0
         self.history = []
@@ -414,14 +431,14 @@ class Trainer:
         global_batch = config.DATA.BATCH_SIZE * self.distributed.world_size
         loss_sum = corrupt = 0.0
         start = time.time()
-        progress = tqdm(total=num_batches, desc=f'epoch {epoch + 1}/{config.TRAIN.EPOCHS}', dynamic_ncols=True,
+        progress = tqdm(total=num_batches, desc=f'epoch {epoch + 1}/{self.epochs}', dynamic_ncols=True,
                         disable=not (self.distributed.is_main and sys.stdout.isatty()), file=sys.stdout)
         batches = iter(self.train_loader)
         for index in range(num_batches):
             images, targets, num_corrupt = next(batches)
             corrupt += num_corrupt
             images = images.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
+            targets = tree_map(lambda tensor: tensor.to(self.device, non_blocking=True), targets)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             if self.mixup is not None:
@@ -446,7 +463,7 @@ class Trainer:
             if (index + 1) % config.PRINT_FREQ == 0 or index + 1 == num_batches:
                 eta = (time.time() - start) / (index + 1) * (num_batches - index - 1)
                 _logger.info('epoch %d/%d step %d/%d  loss %.4f  lr %.3e  %.1f img/s  eta %s', epoch + 1,
-                             config.TRAIN.EPOCHS, index + 1, num_batches, loss_value, lr, images_per_second,
+                             self.epochs, index + 1, num_batches, loss_value, lr, images_per_second,
                              datetime.timedelta(seconds=int(eta)))
             if self.writer is not None:
                 global_step = epoch * num_batches + index
@@ -477,21 +494,21 @@ class Trainer:
 
     def fit(self) -> Dict:
         config = self.config
-        if self.start_epoch >= config.TRAIN.EPOCHS:
-            _logger.info('all %d epochs are done', config.TRAIN.EPOCHS)
+        if self.start_epoch >= self.epochs:
+            _logger.info('all %d epochs are done', self.epochs)
         _logger.info('training %s for epochs %d-%d, %d steps each, lr %.3e for a global batch of %d', config.MODEL.NAME,
-                     self.start_epoch + 1, config.TRAIN.EPOCHS, self.steps_per_epoch,
+                     self.start_epoch + 1, self.epochs, self.steps_per_epoch,
                      scaled_learning_rates(config, self.distributed.world_size)['lr'],
                      global_batch_size(config, self.distributed.world_size))
         started = time.time()
-        for epoch in range(self.start_epoch, config.TRAIN.EPOCHS):
+        for epoch in range(self.start_epoch, self.epochs):
             train_stats = self.train_one_epoch(epoch)
             metrics = self.evaluate()
             best = max(metrics['acc1'], metrics.get('ema_acc1', 0.0))
             is_best = best > self.max_accuracy
             self.max_accuracy = max(self.max_accuracy, best)
             _logger.info('epoch %d/%d: train loss %.4f, %.1f img/s; val acc@1 %.2f %% acc@5 %.2f %%%s; best %.2f %%',
-                         epoch + 1, config.TRAIN.EPOCHS, train_stats['loss'], train_stats['images_per_second'],
+                         epoch + 1, self.epochs, train_stats['loss'], train_stats['images_per_second'],
                          metrics['acc1'], metrics['acc5'],
                          f" (EMA {metrics['ema_acc1']:.2f} %)" if 'ema_acc1' in metrics else '', self.max_accuracy)
             if self.writer is not None:
@@ -506,8 +523,8 @@ class Trainer:
                                      **{k: v for k, v in train_stats.items() if k != 'loss'},
                                      val_loss=metrics['loss'], **{k: v for k, v in metrics.items() if k != 'loss'}))
             self.checkpointer.save(self.state(epoch), epoch, is_best, config.SAVE_FREQ,
-                                   last_epoch=epoch + 1 == config.TRAIN.EPOCHS)
-        return dict(model=config.MODEL.NAME, epochs=config.TRAIN.EPOCHS, max_accuracy=self.max_accuracy,
+                                   last_epoch=epoch + 1 == self.epochs)
+        return dict(model=config.MODEL.NAME, epochs=self.epochs, max_accuracy=self.max_accuracy,
                     final=self.history[-1] if self.history else None, train_seconds_this_run=time.time() - started,
                     world_size=self.distributed.world_size,
                     global_batch=global_batch_size(config, self.distributed.world_size),
@@ -547,7 +564,8 @@ def measure_throughput(config: CfgNode, device: torch.device, amp_dtype: Optiona
 def run(args: argparse.Namespace) -> Optional[Dict]:
     config = load_config(args.cfg, args.opts, **{
         'DATA.DATA_PATH': args.data_path, 'DATA.BATCH_SIZE': args.batch_size, 'OUTPUT': args.output,
-        'MODEL.RESUME': args.resume, 'EVAL_MODE': args.eval or None, 'THROUGHPUT_MODE': args.throughput or None})
+        'MODEL.RESUME': args.resume, 'TOKEN_LABEL.DATA': args.token_label_data,
+        'EVAL_MODE': args.eval or None, 'THROUGHPUT_MODE': args.throughput or None})
     distributed = Distributed()
     try:
         result = run_job(config, distributed, args.batch_size)

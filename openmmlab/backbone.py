@@ -18,9 +18,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from classification.checkpoint_io import CheckpointError, load_weights
 from classification.fat import FAT
+from classification.lvt import LVT
 from classification.registry import model_names
 
-__all__ = ['BACKBONES', 'BackboneConfigError', 'FATBackbone', 'PretrainedCheckpointError', 'PyramidBackbone']
+__all__ = ['BACKBONES', 'BackboneConfigError', 'FATBackbone', 'LVTBackbone', 'PretrainedCheckpointError',
+           'PyramidBackbone']
 
 
 class BackboneConfigError(ValueError):
@@ -161,5 +163,12 @@ class FATBackbone(PyramidBackbone):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+class LVTBackbone(PyramidBackbone):
+    """LVT's pyramid (see ``PyramidBackbone``); ``arch`` 'lvt' or 'lvt_cls' (their ImageNet checkpoints, or the
+    authors' downstream backbone files, load alike) or a dict of ``LVT`` arguments."""
+    family = 'lvt'
+    model_class = LVT
+
+
 # the backbones and the type names under which ``detection`` and ``segmentation`` register them
-BACKBONES = {'FAT': FATBackbone}
+BACKBONES = {'FAT': FATBackbone, 'LVT': LVTBackbone}

@@ -1,5 +1,5 @@
-"""This project's models on MMSegmentation 1.x: importing this package registers their backbones (``FAT``) in
-MMSegmentation's model registry and makes MMEngine read local checkpoints with the restricted loader (see
+"""This project's models on MMSegmentation 1.x: importing this package registers their backbones (``FAT``,
+``LVT``) in MMSegmentation's model registry and makes MMEngine read local checkpoints with the restricted loader (see
 ``openmmlab``). MMDetection is not needed."""
 from mmseg.registry import MODELS
 

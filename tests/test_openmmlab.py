@@ -10,9 +10,9 @@ import torch
 from mmengine.logging import HistoryBuffer
 from mmengine.runner.checkpoint import _load_checkpoint, load_state_dict
 
-from classification.checkpoint_io import UnsafeCheckpointError
+from classification.checkpoint_io import UnsafeCheckpointError, load_checkpoint_file
 from conftest import REPO_ROOT, RunsShellCommand
-from openmmlab.backbone import BackboneConfigError, FATBackbone, PretrainedCheckpointError
+from openmmlab.backbone import BackboneConfigError, FATBackbone, LVTBackbone, PretrainedCheckpointError
 from openmmlab.checkpoints import use_restricted_loading
 
 # a FAT layout given as arguments, quick to build
@@ -179,3 +179,25 @@ print('mmdet' in sys.modules and sys.modules['mmdet'] is not None)
     result = subprocess.run([sys.executable, '-c', script], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split('\n')[:2] == ['torch.Size([1, 150, 16, 16])', 'False']
+
+
+def test_lvt_backbone_loads_the_authors_classifier_and_downstream_files(reference_dir, tmp_path):
+    """The same wrapper serves LVT: from the authors' ImageNet checkpoint, and from their downstream backbone files
+    (a bare state dict of ``backbone.{stage}.{0|1}...`` keys)."""
+    classifier = reference_dir / 'lvt' / 'lvt_cls_official_format.pth'
+    reference = timm.create_model('lvt_cls', features_only=True, pretrained=True,
+                                  pretrained_cfg_overlay=dict(file=str(classifier), custom_load=True))
+    downstream = {key: value for key, value in load_checkpoint_file(classifier)['state_dict'].items()
+                  if key.startswith('backbone.')}
+    torch.save(downstream, tmp_path / 'lvt_backbone.pth')
+    images = torch.randn(1, 3, 96, 64)
+    expected = _features(reference, images)
+    for arch, path in (('lvt_cls', classifier), ('lvt', tmp_path / 'lvt_backbone.pth')):
+        backbone = LVTBackbone(arch, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+        backbone.init_weights()
+        assert backbone.out_channels == [64, 64, 160, 256]
+        for feature, reference_feature in zip(_features(backbone, images), expected):
+            torch.testing.assert_close(feature, reference_feature, rtol=0, atol=0)
+    with pytest.raises(PretrainedCheckpointError, match='does not fit the LVTBackbone lvt'):
+        LVTBackbone('lvt', init_cfg=dict(type='Pretrained',
+                                         checkpoint=str(reference_dir / 'fat_b0_official_format.pth'))).init_weights()

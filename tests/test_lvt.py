@@ -1,0 +1,270 @@
+"""LVT: the authors' model (golden data), timm's interface, token labelling through the trainer."""
+import argparse
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from classification.checkpoint_io import UnsafeCheckpointError, load_checkpoint_file
+from classification.config import ConfigError, load_config
+from classification.data import build_datasets
+from classification.lvt import _swap_box, checkpoint_filter_fn
+from classification.model_table import count_flops, count_params
+from classification.token_labelling import TokenLabelLoss, dense_targets
+from conftest import REPO_ROOT, RunsShellCommand, write_image_folder
+
+LVT_CONFIG = str(REPO_ROOT / 'configs' / 'classification' / 'lvt_cls.yaml')
+WIDTHS = [64, 64, 160, 256]
+
+
+def lvt_reference(reference_dir: Path) -> Path:
+    return reference_dir / 'lvt'
+
+
+def authors_model(reference_dir: Path, name: str, **kwargs):
+    overlay = dict(file=str(lvt_reference(reference_dir) / f'{name}_official_format.pth'), custom_load=True)
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize('name', ['lvt', 'lvt_cls'])
+@pytest.mark.parametrize('size', ['224x224', '256x320'])
+def test_reproduces_official_outputs_in_float64(reference_dir, name, size):
+    model = authors_model(reference_dir, name).double().eval()
+    golden = torch.load(lvt_reference(reference_dir) / f'{name}_io_float64.pt', weights_only=True)
+    with torch.no_grad():
+        output = model(golden[f'input_{size}'])
+    assert output.shape == golden[f'output_{size}'].shape
+    assert relative_error(output, golden[f'output_{size}']) < 1e-6
+
+
+@pytest.mark.parametrize('name', ['lvt', 'lvt_cls'])
+def test_official_state_dict_maps_onto_the_model(reference_dir, name):
+    shapes = json.loads((lvt_reference(reference_dir) / 'lvt_official_state_dict_shapes.json').read_text())[name]
+    model = timm.create_model(name)
+    official = {key: torch.full(shape, float(i)) for i, (key, shape) in enumerate(shapes.items())}
+    mapped = checkpoint_filter_fn(official, model)
+    assert len(mapped) == len(official) == len(model.state_dict())
+    model.load_state_dict(mapped, strict=True)
+    assert sorted(float(v.flatten()[0]) for v in model.state_dict().values()) == \
+        sorted(float(i) for i in range(len(shapes)))
+
+
+def test_parameters_and_flops():
+    lvt, lvt_cls = timm.create_model('lvt'), timm.create_model('lvt_cls')
+    assert round(count_params(lvt) / 1e6, 2) == 3.69
+    assert round(count_params(lvt_cls) / 1e6, 2) == 5.52
+    backbone = timm.create_model('lvt', num_classes=0)
+    assert round((count_params(backbone) - 2 * 256) / 1e6, 2) == 3.43  # without the final LayerNorm
+    assert count_flops(lvt_cls) / 1e9 == pytest.approx(0.90, abs=0.01)  # the paper's 0.9 G
+
+
+def test_drop_path_and_num_classes_take_effect():
+    model = timm.create_model('lvt_cls', num_classes=10, drop_path_rate=0.1)
+    assert model.stages[-1].blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    assert model.head.out_features == model.aux_head.out_features == 10
+    assert timm.create_model('lvt_cls').stages[-1].blocks[-1].drop_path1.__class__ is torch.nn.Identity
+
+
+def test_authors_training_arguments_are_read_as_plain_data(reference_dir, tmp_path):
+    """Real checkpoints of the authors' timm trainer carry ``args`` (an argparse.Namespace) and ``optimizer``."""
+    checkpoint = load_checkpoint_file(lvt_reference(reference_dir) / 'lvt_cls_official_format.pth')
+    path = tmp_path / 'lvt_cls_with_args.pth'
+    args = argparse.Namespace(model='lvt_cls', lr=1.6e-3, token_label=True, token_label_size=7)
+    torch.save(dict(checkpoint, args=args, optimizer={'state': {}, 'param_groups': [{'lr': 1e-5}]}, version=2),
+               path)
+    model = timm.create_model('lvt_cls', pretrained=True, pretrained_cfg_overlay=dict(file=str(path), custom_load=True))
+    torch.testing.assert_close(model.cls_token, checkpoint['state_dict']['cls_token'])
+    assert load_checkpoint_file(path)['args'] == vars(args)
+
+
+def test_malicious_authors_format_checkpoint_is_refused(reference_dir, tmp_path):
+    checkpoint = load_checkpoint_file(lvt_reference(reference_dir) / 'lvt_official_format.pth')
+    marker = tmp_path / 'payload_ran'
+    path = tmp_path / 'lvt_malicious.pth'
+    torch.save(dict(checkpoint, args=argparse.Namespace(hook=RunsShellCommand(f'touch {marker}'))), path)
+    with pytest.raises(UnsafeCheckpointError, match='system'):
+        timm.create_model('lvt', pretrained=True, pretrained_cfg_overlay=dict(file=str(path), custom_load=True))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize('height,width', [(224, 224), (97, 131), (33, 65)])
+def test_features_only_pyramid_at_any_size(height, width):
+    model = timm.create_model('lvt_cls', features_only=True, out_indices=(0, 1, 2, 3)).eval()
+    assert model.feature_info.channels() == WIDTHS
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    with torch.no_grad():
+        features = model(torch.randn(1, 3, height, width))
+    for feature, channels, stride in zip(features, WIDTHS, (4, 8, 16, 32)):
+        assert feature.shape == (1, channels, math.ceil(height / stride), math.ceil(width / stride))
+
+
+def test_timm_interface():
+    model = timm.create_model('lvt_cls', num_classes=10, in_chans=1).eval()
+    images = torch.randn(2, 1, 64, 96)
+    features = model.forward_features(images)
+    assert features.shape == (2, 2, 3, 256) and model.output_fmt == 'NHWC'
+    assert model.forward_head(features, pre_logits=True).shape == (2, 256)
+    assert model(images).shape == (2, 10)
+    model.reset_classifier(0)
+    assert model(images).shape == (2, 256)
+    model.reset_classifier(0, '')
+    assert model(images).shape == (2, 2, 3, 256)
+    cfg = timm.create_model('lvt').pretrained_cfg
+    assert (cfg['crop_pct'], cfg['interpolation'], cfg['mean'], cfg['std']) == \
+        (0.96, 'bicubic', timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD)
+    model = timm.create_model('lvt_cls').train()
+    model.set_grad_checkpointing()
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_channels_last_autocast_forward_backward(dtype):
+    model = timm.create_model('lvt_cls').train().to(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)
+    with torch.autocast('cpu', dtype=dtype):
+        logits = model(images)
+    assert logits.dtype == dtype
+    logits.float().logsumexp(1).mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_torch_compile_matches_eager():
+    model = timm.create_model('lvt_cls').eval()
+    images = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model)(images), model(images), rtol=1e-4, atol=1e-4)
+
+
+def test_mix_token_swaps_a_box_and_back():
+    x = torch.arange(2 * 4 * 4, dtype=torch.float).reshape(2, 4, 4, 1)
+    mixed = _swap_box(x, (1, 0, 3, 2))
+    assert torch.equal(mixed[0, 1:3, 0:2], x[1, 1:3, 0:2]) and torch.equal(mixed[1, 1:3, 0:2], x[0, 1:3, 0:2])
+    assert torch.equal(mixed[:, 0], x[:, 0]) and torch.equal(_swap_box(mixed, (1, 0, 3, 2)), x)
+
+    model = timm.create_model('lvt_cls', num_classes=5, return_dense=True, mix_token=True).train()
+    plain = timm.create_model('lvt_cls', num_classes=5, return_dense=True).train()
+    plain.load_state_dict(model.state_dict())
+    same = torch.randn(1, 3, 64, 64).expand(2, -1, -1, -1)  # a sample mixed with itself is unchanged
+    torch.manual_seed(3)
+    cls_logits, patch_logits, box = model(same)
+    x0, y0, x1, y1 = box
+    assert 0 <= x0 <= x1 <= 2 and 0 <= y0 <= y1 <= 2
+    expected_cls, expected_patches, no_box = plain(same)
+    assert no_box == (0, 0, 0, 0) and patch_logits.shape == (2, 2, 2, 5)
+    torch.testing.assert_close(cls_logits, expected_cls)
+    torch.testing.assert_close(patch_logits, expected_patches)
+    model.eval()
+    assert model(same).shape == (2, 5)  # evaluation predicts as without token labelling
+
+
+def test_dense_targets_follow_the_crop_and_the_flip():
+    """A score map whose left half says class 0 and right half class 1."""
+    score_map = torch.zeros(2, 1, 4, 8)
+    score_map[0] = 10.
+    score_map[1, :, :, 4:] = 1
+    crops = torch.tensor([[0., 0., 1., 1.], [0., 0., 1., 1.], [0.5, 0., 1., 1.]])
+    flipped = torch.tensor([False, True, False])
+    targets = dense_targets(torch.tensor([0, 0, 1]), score_map.expand(3, -1, -1, -1, -1), crops, flipped,
+                            grid=(2, 2), num_classes=3)
+    assert targets.shape == (3, 3, 2 + 4)
+    tokens = targets[:, :, 2:].argmax(dim=1)
+    assert tokens[0].tolist() == [0, 1, 0, 1] and tokens[1].tolist() == [1, 0, 1, 0] and tokens[2].tolist() == [1] * 4
+    torch.testing.assert_close(targets[:, :, 2:].sum(dim=1), torch.ones(3, 4))
+    assert targets[2, 1, 1] > 0.9  # the class token's target: the right half is all class 1
+    assert targets[:, :, 0].argmax(dim=1).tolist() == [0, 0, 1]
+
+
+def test_token_label_loss_weights():
+    cls_logits, patch_logits = torch.randn(2, 3), torch.randn(2, 2, 2, 3)
+    labels = torch.tensor([0, 2])
+    loss = TokenLabelLoss(3, cls_weight=1.0, dense_weight=0.5)((cls_logits, patch_logits, (0, 0, 0, 0)), labels)
+    expected = torch.nn.functional.cross_entropy(cls_logits, labels) + 0.5 * torch.nn.functional.cross_entropy(
+        patch_logits.flatten(1, 2).transpose(1, 2), labels[:, None].expand(2, 4))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_config_checks():
+    with pytest.raises(ConfigError, match='needs a model with per-token predictions'):
+        load_config(LVT_CONFIG, ['MODEL.NAME', 'fat_b0'])
+    with pytest.raises(ConfigError, match='set AUG.MIXUP and AUG.CUTMIX to 0'):
+        load_config(LVT_CONFIG, ['AUG.MIXUP', '0.8'])
+    config = load_config(LVT_CONFIG)
+    assert (config.TRAIN.EPOCHS, config.TRAIN.COOLDOWN_EPOCHS, config.TRAIN.CLIP_GRAD) == (300, 10, 0.0)
+    assert config.TRAIN.BASE_LR * 1024 / 512 == pytest.approx(1.6e-3)
+
+
+def write_score_maps(data: Path, root: Path, classes: int) -> Path:
+    """LV-ViT-format score maps for every training image: top-2 of ``classes`` classes on a 5x5 grid."""
+    generator = torch.Generator().manual_seed(0)
+    for image in sorted((data / 'train').glob('*/*.png')):
+        scores = torch.rand(2, 5, 5, generator=generator) * 5
+        indices = torch.stack([torch.randperm(classes, generator=generator)[:2] for _ in range(25)], 1)
+        folder = root / image.parent.name
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(torch.stack([scores, indices.reshape(2, 5, 5).float()]).half(), folder / f'{image.stem}.pt')
+    return root
+
+
+@pytest.mark.parametrize('with_score_maps', [True, False])
+def test_token_labelling_trains_through_the_trainer(tmp_path, with_score_maps):
+    """The recipe's config (MixToken on) for 2 epochs and 1 of cool-down, 3 steps each."""
+    data = write_image_folder(tmp_path / 'data', 4, 1)
+    score_maps = ['--token-label-data', str(write_score_maps(data, tmp_path / 'score_maps', 3))] \
+        if with_score_maps else []
+    command = [sys.executable, '-m', 'classification.train', '--cfg', LVT_CONFIG, '--data-path', str(data),
+               '--output', str(tmp_path / 'output'), '--batch-size', '4', *score_maps,
+               '--opts', 'DATA.IMG_SIZE', '64', 'DATA.NUM_WORKERS', '0', 'MODEL.NUM_CLASSES', '3', 'TRAIN.EPOCHS', '2',
+               'TRAIN.WARMUP_EPOCHS', '1', 'TRAIN.COOLDOWN_EPOCHS', '1', 'PRINT_FREQ', '1']
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = result.stdout
+    assert ('with the score maps of' in log) == with_score_maps
+    assert ('the patch tokens learn their image\'s label' in log) == (not with_score_maps)
+    summary = json.loads((tmp_path / 'output' / 'summary.json').read_text())
+    assert summary['epochs'] == 3  # 2 of the schedule and 1 of cool-down
+    assert all(math.isfinite(entry['train_loss']) for entry in summary['history'])
+    steps = re.findall(r'epoch 3/3 step \d+/3 .* lr ([\d.e+-]+)', log)
+    assert steps and all(float(lr) == pytest.approx(5e-6 * 4 / 512, rel=1e-3) for lr in steps)  # cool-down: MIN_LR
+
+
+def test_missing_score_maps_are_named(tmp_path):
+    data = write_image_folder(tmp_path / 'data', 2, 1)
+    score_maps = write_score_maps(data, tmp_path / 'score_maps', 3)
+    (score_maps / 'bar' / '1.pt').unlink()
+    config = load_config(LVT_CONFIG, ['MODEL.NUM_CLASSES', '3'], **{'DATA.DATA_PATH': str(data),
+                                                                    'TOKEN_LABEL.DATA': str(score_maps)})
+    with pytest.raises(ValueError, match=r'1 of 6 training images have no score map .*bar/1\.png'):
+        build_datasets(config)
+
+
+def test_eval_of_authors_checkpoint(tmp_path, reference_dir):
+    data = write_image_folder(tmp_path / 'data', 2, 4)
+    checkpoint = lvt_reference(reference_dir) / 'lvt_cls_official_format.pth'
+    result = subprocess.run(
+        [sys.executable, '-m', 'classification.train', '--cfg', LVT_CONFIG, '--data-path', str(data), '--output',
+         str(tmp_path / 'eval'), '--eval', '--resume', str(checkpoint), '--opts', 'DATA.IMG_SIZE', '64',
+         'DATA.NUM_WORKERS', '0'], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    reported = re.search(r'on 12 images: acc@1 ([\d.]+) %  acc@5 ([\d.]+) %', result.stdout)
+    assert reported
+
+    model = authors_model(reference_dir, 'lvt_cls').eval()
+    _, val = build_datasets(load_config(LVT_CONFIG, ['DATA.IMG_SIZE', '64'], **{'DATA.DATA_PATH': str(data)}))
+    images = torch.stack([val[i][0] for i in range(len(val))])
+    targets = torch.tensor([val[i][1] for i in range(len(val))])
+    with torch.no_grad():
+        top5 = model(images).topk(5).indices
+    assert float(reported.group(1)) == pytest.approx(100 * (top5[:, 0] == targets).float().mean().item(), abs=0.01)
+    assert float(reported.group(2)) == pytest.approx(100 * (top5 == targets[:, None]).any(1).float().mean().item(),
+                                                     abs=0.01)
