@@ -264,7 +264,7 @@ def run(args: argparse.Namespace) -> Dict:
         throughput_batch_sizes=list(args.throughput_batch_sizes), train_batch_size=args.train_batch_size)
     return dict(machine=machine_description(device, args.threads if device.type == 'cpu' else None),
                 settings=settings, load_average=dict(before=load_before, after=_load_average()),
-                rows=rows, comparisons=comparisons)
+                rows=rows, comparisons=comparisons, seconds_per_round=timings)
 
 
 def _cell(value: Optional[float], digits: int, ratio: Optional[float] = None) -> str:

@@ -17,6 +17,7 @@ _C.BASE = ['']
 
 _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 128  # per process
+_C.DATA.VAL_BATCH_SIZE = None  # per process; None: DATA.BATCH_SIZE
 _C.DATA.DATA_PATH = ''
 # 'imagefolder': DATA_PATH holds train/ and val/ class folders
 # 'synthetic_shapes': the same layout, generated into DATA_PATH on first use (the demo)
@@ -25,6 +26,9 @@ _C.DATA.IMG_SIZE = 224
 _C.DATA.INTERPOLATION = 'bicubic'
 _C.DATA.PIN_MEMORY = True
 _C.DATA.NUM_WORKERS = 8
+# normalise (and in training randomly erase) batches on the training device, so that the loader's workers only
+# decode, crop and augment (timm's prefetcher idea)
+_C.DATA.DEVICE_NORMALIZE = False
 
 _C.MODEL = CN()
 _C.MODEL.NAME = 'fat_b0'  # a model of classification.registry
@@ -46,6 +50,7 @@ _C.TRAIN.WARMUP_LR = 5e-7
 _C.TRAIN.MIN_LR = 5e-6
 _C.TRAIN.CLIP_GRAD = 5.0  # 0 disables clipping
 _C.TRAIN.AUTO_RESUME = True
+_C.TRAIN.KEEP_CHECKPOINTS = 3  # ckpt_epoch_N.pth files kept, the newest (latest.pth and best.pth besides)
 _C.TRAIN.ACCUMULATION_STEPS = 1
 _C.TRAIN.USE_CHECKPOINT = False  # gradient checkpointing
 _C.TRAIN.CHANNELS_LAST = False
@@ -156,8 +161,9 @@ def load_config(cfg_path: Optional[str] = None, opts: Sequence[str] = (), **over
 def _validate(config: CN):
     if config.AMP not in AMP_CHOICES:
         raise ConfigError(f'AMP must be one of {AMP_CHOICES}, got {config.AMP!r}')
-    if config.MODEL.NAME not in model_names():
-        raise ConfigError(f'MODEL.NAME must be one of {", ".join(model_names())}, got {config.MODEL.NAME!r}')
+    if config.MODEL.NAME not in model_names(ablations=True):
+        raise ConfigError(f'MODEL.NAME must be one of {", ".join(model_names(ablations=True))}, '
+                          f'got {config.MODEL.NAME!r}')
     if config.TOKEN_LABEL.ENABLED:
         capable = [name for name, entry in MODELS.items() if entry.token_labelling]
         if config.MODEL.NAME not in capable:
@@ -175,6 +181,9 @@ def _validate(config: CN):
     if config.TRAIN.COOLDOWN_EPOCHS < 0:
         raise ConfigError(f'TRAIN.COOLDOWN_EPOCHS must be >= 0, got {config.TRAIN.COOLDOWN_EPOCHS}')
     for key, value in (('DATA.BATCH_SIZE', config.DATA.BATCH_SIZE),
+                       ('DATA.VAL_BATCH_SIZE', 1 if config.DATA.VAL_BATCH_SIZE is None else config.DATA.VAL_BATCH_SIZE),
+                       ('TRAIN.KEEP_CHECKPOINTS', config.TRAIN.KEEP_CHECKPOINTS),
+                       ('PRINT_FREQ', config.PRINT_FREQ),
                        ('TRAIN.ACCUMULATION_STEPS', config.TRAIN.ACCUMULATION_STEPS),
                        ('TRAIN.EPOCHS', config.TRAIN.EPOCHS), ('SAVE_FREQ', config.SAVE_FREQ)):
         if value < 1:

@@ -14,6 +14,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, default_collate
@@ -32,24 +33,6 @@ class DatasetError(ValueError):
     """The dataset folder does not have the expected layout."""
 
 
-def _image_files(folder: str) -> List[str]:
-    return [name for name in os.listdir(folder) if name.lower().endswith(IMG_EXTENSIONS)]
-
-
-def check_split(root: str) -> List[str]:
-    """The class names of an ImageFolder split; raises DatasetError for a missing folder or an empty class."""
-    if not os.path.isdir(root):
-        raise DatasetError(f'{root} not found: the data path must hold train/ and val/ folders of class folders')
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-    if not classes:
-        raise DatasetError(f'{root} has no class folders')
-    for name in classes:
-        if not _image_files(os.path.join(root, name)):
-            raise DatasetError(f'class folder {os.path.join(root, name)} has no images '
-                               f'(extensions: {", ".join(IMG_EXTENSIONS)})')
-    return classes
-
-
 class CheckedImageFolder(ImageFolder):
     """ImageFolder that reports and skips corrupt images.
 
@@ -59,8 +42,17 @@ class CheckedImageFolder(ImageFolder):
     """
 
     def __init__(self, root: str, transform=None, replace_corrupt: bool = True):
-        check_split(root)
-        super().__init__(root, transform=transform)
+        if not os.path.isdir(root):
+            raise DatasetError(f'{root} not found: the data path must hold train/ and val/ folders of class folders')
+        try:
+            # the split is listed once, here; an empty class is reported below, in this project's words
+            super().__init__(root, transform=transform, allow_empty=True)
+        except FileNotFoundError:
+            raise DatasetError(f'{root} has no class folders') from None
+        empty = sorted(set(range(len(self.classes))) - set(self.targets))
+        if empty:
+            raise DatasetError(f'class folder {os.path.join(root, self.classes[empty[0]])} has no images '
+                               f'(extensions: {", ".join(IMG_EXTENSIONS)})')
         self.replace_corrupt = replace_corrupt
 
     def __getitem__(self, index: int) -> Optional[Tuple[torch.Tensor, Any, int]]:
@@ -182,19 +174,38 @@ class ShardSampler(Sampler):
 
 def build_transform(config: CfgNode, is_training: bool, separate: bool = False):
     """timm's transform of the recipe; in training with ``separate``, its three parts (crop and flip,
-    augmentation, tensor conversion)."""
+    augmentation, tensor conversion). With DATA.DEVICE_NORMALIZE it ends with uint8 arrays, neither normalised
+    nor randomly erased (``DeviceNormalize`` does both on the training device)."""
+    on_device = config.DATA.DEVICE_NORMALIZE
     if is_training:
         auto_augment = config.AUG.AUTO_AUGMENT if config.AUG.AUTO_AUGMENT.lower() != 'none' else None
         return create_transform(
             config.DATA.IMG_SIZE, is_training=True, scale=tuple(config.AUG.SCALE),
             color_jitter=config.AUG.COLOR_JITTER if config.AUG.COLOR_JITTER > 0 else None,
-            auto_augment=auto_augment, interpolation=config.DATA.INTERPOLATION,
-            re_prob=config.AUG.REPROB, re_mode=config.AUG.REMODE, re_count=config.AUG.RECOUNT,
+            auto_augment=auto_augment, interpolation=config.DATA.INTERPOLATION, use_prefetcher=on_device,
+            re_prob=0. if on_device else config.AUG.REPROB, re_mode=config.AUG.REMODE, re_count=config.AUG.RECOUNT,
             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, separate=separate)
     return create_transform(
         config.DATA.IMG_SIZE, is_training=False, interpolation=config.DATA.INTERPOLATION,
-        crop_pct=config.TEST.CROP_PCT if config.TEST.CROP else 1.0,
+        crop_pct=config.TEST.CROP_PCT if config.TEST.CROP else 1.0, use_prefetcher=on_device,
         mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+
+
+class DeviceNormalize:
+    """What the loader's workers leave to the training device under DATA.DEVICE_NORMALIZE (timm's prefetcher idea):
+    uint8 batches made float and normalised, and in training randomly erased."""
+
+    def __init__(self, config: CfgNode, device: torch.device):
+        self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1) * 255
+        self.random_erasing = RandomErasing(config.AUG.REPROB, mode=config.AUG.REMODE, max_count=config.AUG.RECOUNT,
+                                            device=device) if config.AUG.REPROB > 0 else None
+
+    def __call__(self, images: torch.Tensor, training: bool) -> torch.Tensor:
+        images = (images.float() - self.mean) / self.std
+        if training and self.random_erasing is not None:
+            images = self.random_erasing(images)
+        return images
 
 
 def build_datasets(config: CfgNode) -> Tuple[CheckedImageFolder, CheckedImageFolder]:
@@ -204,28 +215,29 @@ def build_datasets(config: CfgNode) -> Tuple[CheckedImageFolder, CheckedImageFol
     if not os.path.isdir(root):
         raise DatasetError(f'data path {root} not found')
     train_dir, val_dir = os.path.join(root, 'train'), os.path.join(root, 'val')
-    train_classes, val_classes = check_split(train_dir), check_split(val_dir)
-    if train_classes != val_classes:
-        only_train = sorted(set(train_classes) - set(val_classes))
-        only_val = sorted(set(val_classes) - set(train_classes))
-        raise DatasetError(f'train/ and val/ class folders differ in {root}: '
-                           f'only in train: {only_train or "none"}; only in val: {only_val or "none"}')
-    if len(train_classes) > config.MODEL.NUM_CLASSES:
-        raise DatasetError(f'{root} has {len(train_classes)} classes but MODEL.NUM_CLASSES is '
-                           f'{config.MODEL.NUM_CLASSES}')
+    for split in (train_dir, val_dir):
+        if not os.path.isdir(split):
+            raise DatasetError(f'{split} not found: the data path must hold train/ and val/ folders of class folders')
     if config.TOKEN_LABEL.DATA:
         train = TokenLabelImageFolder(train_dir, config.TOKEN_LABEL.DATA,
                                       *build_transform(config, is_training=True, separate=True))
     else:
         train = CheckedImageFolder(train_dir, build_transform(config, is_training=True), replace_corrupt=True)
     val = CheckedImageFolder(val_dir, build_transform(config, is_training=False), replace_corrupt=False)
+    if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        raise DatasetError(f'train/ and val/ class folders differ in {root}: '
+                           f'only in train: {only_train or "none"}; only in val: {only_val or "none"}')
+    if len(train.classes) > config.MODEL.NUM_CLASSES:
+        raise DatasetError(f'{root} has {len(train.classes)} classes but MODEL.NUM_CLASSES is '
+                           f'{config.MODEL.NUM_CLASSES}')
     return train, val
 
 
 def _loader_options(config: CfgNode) -> dict:
-    return dict(batch_size=config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,
-                pin_memory=config.DATA.PIN_MEMORY, collate_fn=collate_skipping_corrupt,
-                persistent_workers=config.DATA.NUM_WORKERS > 0)
+    return dict(num_workers=config.DATA.NUM_WORKERS, pin_memory=config.DATA.PIN_MEMORY,
+                collate_fn=collate_skipping_corrupt, persistent_workers=config.DATA.NUM_WORKERS > 0)
 
 
 def build_train_loader(config: CfgNode, train: CheckedImageFolder, world_size: int,
@@ -234,8 +246,10 @@ def build_train_loader(config: CfgNode, train: CheckedImageFolder, world_size: i
     if len(sampler) < config.DATA.BATCH_SIZE:
         raise DatasetError(f'{len(train)} training images give each of {world_size} processes fewer than one '
                            f'batch of {config.DATA.BATCH_SIZE}: lower --batch-size')
-    return DataLoader(train, sampler=sampler, drop_last=True, **_loader_options(config)), sampler
+    return DataLoader(train, sampler=sampler, batch_size=config.DATA.BATCH_SIZE, drop_last=True,
+                      **_loader_options(config)), sampler
 
 
 def build_val_loader(config: CfgNode, val: CheckedImageFolder, world_size: int, rank: int) -> DataLoader:
-    return DataLoader(val, sampler=ShardSampler(len(val), world_size, rank), **_loader_options(config))
+    return DataLoader(val, sampler=ShardSampler(len(val), world_size, rank),
+                      batch_size=config.DATA.VAL_BATCH_SIZE or config.DATA.BATCH_SIZE, **_loader_options(config))

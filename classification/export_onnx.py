@@ -89,8 +89,8 @@ def verify(model: torch.nn.Module, onnx_path: Path, shapes: Sequence[Tuple[int, 
 
 def main(argv: Optional[Sequence[str]] = None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--model', required=True, choices=model_names(), metavar='NAME',
-                        help=f'one of {", ".join(model_names())}')
+    parser.add_argument('--model', required=True, choices=model_names(ablations=True), metavar='NAME',
+                        help=f'one of {", ".join(model_names(ablations=True))}')
     parser.add_argument('--checkpoint', type=Path, help='weights to export (the authors\' or this project\'s)')
     parser.add_argument('--output', type=Path, required=True, help='the .onnx file to write')
     parser.add_argument('--opset', type=int, help='ONNX opset (default: 18 for dynamo, 17 for torchscript)')

@@ -39,6 +39,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq, named_apply
 
 from .checkpoint_io import CheckpointError, check_state_dict_fits, load_weights
+from .token_mixers import TOKEN_MIXERS
 
 __all__ = ['FAT', 'checkpoint_filter_fn']
 
@@ -152,25 +153,55 @@ class RefinedDownsample(ConvBnSequential):
         super().__init__(layers)
 
 
+def kv_downsample_layer(kind: str, dim: int, window_size: int) -> nn.Module:
+    """FASA's key/value downsampling by ``window_size``: ``'refined'`` (the paper's), or one of the ablation's
+    alternatives: ``'pool'`` (average pooling of window w), ``'conv'`` (a depthwise conv with kernel = stride = w)
+    or ``'overlap'`` (a depthwise conv of kernel 2w - 1, stride w: overlapping windows)."""
+    if kind == 'refined':
+        return RefinedDownsample(dim, window_size)
+    if kind not in KV_DOWNSAMPLINGS:
+        raise ValueError(f"kv_downsample must be one of {', '.join(KV_DOWNSAMPLINGS)}, got {kind!r}")
+    if window_size == 1:
+        return nn.Identity()
+    if kind == 'pool':
+        return nn.AvgPool2d(window_size, ceil_mode=True)
+    kernel_size = window_size if kind == 'conv' else 2 * window_size - 1
+    # the padding that keeps the output at size / w for sizes divisible by w, as the refined downsampling does
+    padding = (kernel_size - window_size + 1) // 2
+    return nn.Conv2d(dim, dim, kernel_size, stride=window_size, padding=padding, groups=dim)
+
+
+KV_DOWNSAMPLINGS = ('refined', 'pool', 'conv', 'overlap')
+# How FASA combines its local branch l (self-modulated: silu of the local mixer) and its attention output g:
+# the released code's proj(l * silu(g)), or the ablation's proj(l + g), proj([l, g]), proj(l * g).
+INTERACTIONS = ('fat', 'add', 'cat', 'mul')
+
+
 class FASA(nn.Module):
     """Fully Adaptive Self-Attention.
 
     A global branch (multi-head attention of full-resolution queries over refined-downsampled keys and
     values) and a local branch (a depthwise conv of the queries, self-modulated by its own sigmoid),
-    combined multiplicatively and projected by a 1x1 conv.
+    combined multiplicatively and projected by a 1x1 conv. ``interaction`` and ``kv_downsample`` select the
+    paper's ablation alternatives (``INTERACTIONS``, ``kv_downsample_layer``).
     """
+    interaction: torch.jit.Final[str]
 
-    def __init__(self, dim: int, num_heads: int, kernel_size: int, window_size: int):
+    def __init__(self, dim: int, num_heads: int, kernel_size: int, window_size: int, interaction: str = 'fat',
+                 kv_downsample: str = 'refined'):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
+        if interaction not in INTERACTIONS:
+            raise ValueError(f"interaction must be one of {', '.join(INTERACTIONS)}, got {interaction!r}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
+        self.interaction = interaction
         self.q = PointwiseConv(dim, dim)
-        self.kv_downsample = RefinedDownsample(dim, window_size)
+        self.kv_downsample = kv_downsample_layer(kv_downsample, dim, window_size)
         self.kv = PointwiseConv(dim, 2 * dim)
         self.local_mixer = _dwconv(dim, kernel_size)
-        self.proj = PointwiseConv(dim, dim)
+        self.proj = PointwiseConv(2 * dim if interaction == 'cat' else dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, dim, height, width = x.shape
@@ -182,6 +213,12 @@ class FASA(nn.Module):
         q = q.reshape(batch, self.num_heads, self.head_dim, height * width).transpose(-1, -2)
         glob = F.scaled_dot_product_attention(q, k, v)
         glob = glob.transpose(-1, -2).reshape(batch, dim, height, width)
+        if self.interaction == 'add':
+            return self.proj(local + glob)
+        if self.interaction == 'cat':
+            return self.proj(torch.cat([local, glob], dim=1))
+        if self.interaction == 'mul':
+            return self.proj(local * glob)
         return self.proj(local * F.silu(glob))
 
 
@@ -204,6 +241,10 @@ class FATBlock(nn.Module):
 
     With ``stride=2`` the block halves the resolution and widens to ``out_dim``: its FFN downsamples and
     its shortcut is a depthwise 5x5 stride-2 conv, BatchNorm and a 1x1 conv.
+
+    The paper's ablation options: ``interaction`` and ``kv_downsample`` (see ``FASA``), ``cpe=False`` (no
+    conditional position encoding), ``token_mixer`` (``'fasa'`` or one of ``token_mixers.TOKEN_MIXERS`` in
+    FASA's place; ``stage`` and ``index``, the block's stage and its position there, are theirs).
     """
 
     def __init__(
@@ -217,14 +258,25 @@ class FATBlock(nn.Module):
             mlp_ratio: float = 4.,
             ffn_kernel_size: int = 5,
             drop_path: float = 0.,
+            interaction: str = 'fat',
+            kv_downsample: str = 'refined',
+            cpe: bool = True,
+            token_mixer: str = 'fasa',
+            stage: int = 0,
+            index: int = 0,
     ):
         super().__init__()
         out_dim = out_dim or dim
         if stride == 1 and out_dim != dim:
             raise ValueError('a block that changes width must downsample (stride=2)')
-        self.cpe = ResidualDepthwiseConv(dim, kernel_size)
+        self.cpe = ResidualDepthwiseConv(dim, kernel_size) if cpe else nn.Identity()
         self.norm1 = GroupNorm1(dim)
-        self.attn = FASA(dim, num_heads, kernel_size, window_size)
+        if token_mixer == 'fasa':
+            self.attn = FASA(dim, num_heads, kernel_size, window_size, interaction, kv_downsample)
+        elif token_mixer in TOKEN_MIXERS:
+            self.attn = TOKEN_MIXERS[token_mixer](dim, num_heads, window_size, stage, index)
+        else:
+            raise ValueError(f"token_mixer must be 'fasa' or one of {', '.join(TOKEN_MIXERS)}, got {token_mixer!r}")
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = GroupNorm1(dim)
         self.ffn = ConvFFN(dim, out_dim, int(dim * mlp_ratio), ffn_kernel_size, stride=stride)
@@ -274,6 +326,8 @@ class FAT(nn.Module):
         ffn_kernel_size: ConvFFN depthwise kernel.
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, linear in block order up to this value.
+        interaction, kv_downsample, cpe, token_mixer: the paper's ablation options (see ``FATBlock``); the
+            defaults are the paper's model.
     """
 
     def __init__(
@@ -290,6 +344,10 @@ class FAT(nn.Module):
             ffn_kernel_size: int = 5,
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            interaction: str = 'fat',
+            kv_downsample: str = 'refined',
+            cpe: bool = True,
+            token_mixer: str = 'fasa',
     ):
         super().__init__()
         num_stages = len(embed_dims)
@@ -306,18 +364,20 @@ class FAT(nn.Module):
 
         drop_path_rates = iter(torch.linspace(0, drop_path_rate, sum(depths)).tolist())
 
-        def block(stage: int, **kwargs) -> FATBlock:
+        def block(stage: int, index: int, **kwargs) -> FATBlock:
             return FATBlock(
                 embed_dims[stage], num_heads[stage], kernel_sizes[stage], window_sizes[stage],
-                mlp_ratio=mlp_ratio, ffn_kernel_size=ffn_kernel_size, drop_path=next(drop_path_rates), **kwargs)
+                mlp_ratio=mlp_ratio, ffn_kernel_size=ffn_kernel_size, drop_path=next(drop_path_rates),
+                interaction=interaction, kv_downsample=kv_downsample, cpe=cpe, token_mixer=token_mixer,
+                stage=stage, index=index, **kwargs)
 
         stages = []
         self.feature_info = []
         for i in range(num_stages):
             # the authors' stage i-1 ends with the block that brings the features to this resolution
-            downsample = block(i - 1, out_dim=embed_dims[i], stride=2) if i > 0 else None
+            downsample = block(i - 1, depths[i - 1] - 1, out_dim=embed_dims[i], stride=2) if i > 0 else None
             num_blocks = depths[i] - 1 if i < num_stages - 1 else depths[i]
-            stages.append(FATStage(downsample, [block(i) for _ in range(num_blocks)]))
+            stages.append(FATStage(downsample, [block(i, j) for j in range(num_blocks)]))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
 
@@ -526,15 +586,20 @@ default_cfgs = generate_default_cfgs({
     'fat_b3_st.in1k': _cfg(),
     'fat_b4.in1k': _cfg(),
     'fat_b5.in1k': _cfg(),
+    **{f'{name}.in1k': _cfg() for name in (
+        'fat_b0_add', 'fat_b0_cat', 'fat_b0_mul', 'fat_b0_pool_down', 'fat_b0_conv_down', 'fat_b0_overlap_down',
+        'fat_b0_no_cpe', 'fat_b0_maxsa', 'fat_b0_swin', 'fat_b0_sra', 'fat_b0_twins', 'fat_b0_cswin')},
 })
 
 # b0-b3 are the authors' published configurations. b3_st, b4 and b5 were never released: their layouts
 # are inferred from the paper's sizes, their drop path rates are those of the Swin layouts they follow.
 
+_FAT_B0_ARGS = dict(embed_dims=(32, 80, 160, 256), depths=(2, 2, 6, 2), num_heads=(2, 5, 10, 16), drop_path_rate=0.05)
+
+
 @register_model
 def fat_b0(pretrained: bool = False, **kwargs) -> FAT:
-    model_args = dict(embed_dims=(32, 80, 160, 256), depths=(2, 2, 6, 2), num_heads=(2, 5, 10, 16), drop_path_rate=0.05)
-    return _create_fat('fat_b0', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_fat('fat_b0', pretrained=pretrained, **dict(_FAT_B0_ARGS, **kwargs))
 
 
 @register_model
@@ -571,3 +636,69 @@ def fat_b4(pretrained: bool = False, **kwargs) -> FAT:
 def fat_b5(pretrained: bool = False, **kwargs) -> FAT:
     model_args = dict(embed_dims=(128, 256, 512, 1024), depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5)
     return _create_fat('fat_b5', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+# The paper's ablation study: FAT-B0 with one component replaced (see the README's ablation section).
+
+def _create_fat_b0_ablation(variant: str, pretrained: bool, ablation: Dict, kwargs: Dict) -> FAT:
+    return _create_fat(variant, pretrained=pretrained, **dict(_FAT_B0_ARGS, **ablation, **kwargs))
+
+
+@register_model
+def fat_b0_add(pretrained: bool = False, **kwargs) -> FAT:
+    return _create_fat_b0_ablation('fat_b0_add', pretrained, dict(interaction='add'), kwargs)
+
+
+@register_model
+def fat_b0_cat(pretrained: bool = False, **kwargs) -> FAT:
+    return _create_fat_b0_ablation('fat_b0_cat', pretrained, dict(interaction='cat'), kwargs)
+
+
+@register_model
+def fat_b0_mul(pretrained: bool = False, **kwargs) -> FAT:
+    return _create_fat_b0_ablation('fat_b0_mul', pretrained, dict(interaction='mul'), kwargs)
+
+
+@register_model
+def fat_b0_pool_down(pretrained: bool = False, **kwargs) -> FAT:
+    return _create_fat_b0_ablation('fat_b0_pool_down', pretrained, dict(kv_downsample='pool'), kwargs)
+
+
+@register_model
+def fat_b0_conv_down(pretrained: bool = False, **kwargs) -> FAT:
+    return _create_fat_b0_ablation('fat_b0_conv_down', pretrained, dict(kv_downsample='conv'), kwargs)
+
+
+@register_model
+def fat_b0_overlap_down(pretrained: bool = False, **kwargs) -> FAT:
+    return _create_fat_b0_ablation('fat_b0_overlap_down', pretrained, dict(kv_downsample='overlap'), kwargs)
+
+
+@register_model
+def fat_b0_no_cpe(pretrained: bool = False, **kwargs) -> FAT:
+    return _create_fat_b0_ablation('fat_b0_no_cpe', pretrained, dict(cpe=False), kwargs)
+
+
+@register_model
+def fat_b0_maxsa(pretrained: bool = False, **kwargs) -> FAT:
+    return _create_fat_b0_ablation('fat_b0_maxsa', pretrained, dict(token_mixer='maxsa'), kwargs)
+
+
+@register_model
+def fat_b0_swin(pretrained: bool = False, **kwargs) -> FAT:
+    return _create_fat_b0_ablation('fat_b0_swin', pretrained, dict(token_mixer='swin'), kwargs)
+
+
+@register_model
+def fat_b0_sra(pretrained: bool = False, **kwargs) -> FAT:
+    return _create_fat_b0_ablation('fat_b0_sra', pretrained, dict(token_mixer='sra'), kwargs)
+
+
+@register_model
+def fat_b0_twins(pretrained: bool = False, **kwargs) -> FAT:
+    return _create_fat_b0_ablation('fat_b0_twins', pretrained, dict(token_mixer='twins'), kwargs)
+
+
+@register_model
+def fat_b0_cswin(pretrained: bool = False, **kwargs) -> FAT:
+    return _create_fat_b0_ablation('fat_b0_cswin', pretrained, dict(token_mixer='cswin'), kwargs)

@@ -7,8 +7,8 @@ entry here.
 """
 from typing import Dict, NamedTuple, Optional, Tuple
 
-__all__ = ['MODELS', 'PEERS', 'ModelEntry', 'PaperFigures', 'Peer', 'compared_models', 'counterpart', 'model_names',
-           'published_top1']
+__all__ = ['ABLATIONS', 'MODELS', 'PEERS', 'AblationRow', 'ModelEntry', 'PaperFigures', 'Peer', 'compared_models',
+           'counterpart', 'model_names', 'published_top1']
 
 
 class PaperFigures(NamedTuple):
@@ -25,6 +25,22 @@ class ModelEntry(NamedTuple):
     published: bool = True  # False: never released, its layout inferred from the paper
     counterpart: Optional[str] = None  # for another family's model: the FAT model it is compared with
     token_labelling: bool = False  # has per-token predictions to train with token labelling
+    ablation: bool = False  # a row of the FAT paper's ablation study (see ABLATIONS)
+
+
+class AblationRow(NamedTuple):
+    """A row of the FAT paper's ablation tables (FAT-B0 frame, ImageNet-1K 300 epochs; the first table also
+    COCO Mask R-CNN 1x and ADE20K Semantic FPN)."""
+    group: str
+    row: str
+    model: str
+    params_m: float
+    gflops: float  # the paper's count, without the attention matrix products
+    top1: float
+    box_ap: Optional[float] = None
+    mask_ap: Optional[float] = None
+    miou: Optional[float] = None
+    deviation: Optional[str] = None  # why our reading cannot match the paper's params / FLOPs to its rounding
 
 
 class Peer(NamedTuple):
@@ -53,6 +69,40 @@ MODELS = _entries(
                token_labelling=True),
 )
 
+_INTERACTION = 'interaction of the two branches'
+_DOWNSAMPLING = 'key/value downsampling'
+_POSITION = 'position encoding'
+_MIXER = 'token mixer in place of FASA'
+_DENSE_REDUCTION = ("timm's {} reduces keys and values by a dense conv of kernel = stride = the ratio; at FAT's window "
+                    "schedule (8, 4, 2, 1) these convs hold {} M, where the paper's figure leaves room for a reduction "
+                    "with almost no parameters (such as pooling)")
+_POSITION_TERMS = ("FAT's frame with plain attention holds 4.34 M; {} (0.02 M) bring it to 4.36 M, 0.01 M above what "
+                   "rounds to 4.3 (without the frame's CPE, 4.26 M)")
+ABLATIONS = (
+    AblationRow(_INTERACTION, 'add+linear', 'fat_b0_add', 4.5, 0.72, 76.2, 39.0, 35.8, 39.6),
+    AblationRow(_INTERACTION, 'cat+linear', 'fat_b0_cat', 4.8, 0.77, 76.6, 39.6, 36.3, 40.2),
+    AblationRow(_INTERACTION, 'mul+linear', 'fat_b0_mul', 4.5, 0.72, 77.1, 40.3, 37.1, 40.9),
+    AblationRow(_INTERACTION, 'interaction (FAT)', 'fat_b0', 4.5, 0.72, 77.6, 40.8, 37.7, 41.5),
+    AblationRow(_DOWNSAMPLING, 'pool down', 'fat_b0_pool_down', 4.4, 0.71, 77.2, 40.2, 36.9, 40.6),
+    AblationRow(_DOWNSAMPLING, 'conv w/o overlap', 'fat_b0_conv_down', 4.4, 0.71, 77.2, 40.3, 36.9, 40.8),
+    AblationRow(_DOWNSAMPLING, 'conv w/ overlap', 'fat_b0_overlap_down', 4.5, 0.71, 77.3, 40.5, 37.3, 40.9),
+    AblationRow(_DOWNSAMPLING, 'refined down (FAT)', 'fat_b0', 4.5, 0.72, 77.6, 40.8, 37.7, 41.5),
+    AblationRow(_POSITION, 'w/o conv. pos', 'fat_b0_no_cpe', 4.4, 0.70, 77.4, 40.5, 37.3, 41.2),
+    AblationRow(_POSITION, 'conv. pos (FAT)', 'fat_b0', 4.5, 0.72, 77.6, 40.8, 37.7, 41.5),
+    AblationRow(_MIXER, 'Max-SA', 'fat_b0_maxsa', 4.3, 0.8, 75.7,
+                deviation=_POSITION_TERMS.format("MaxViT's relative position bias tables")),
+    AblationRow(_MIXER, 'WSA / S-WSA', 'fat_b0_swin', 4.3, 0.8, 76.1,
+                deviation=_POSITION_TERMS.format("Swin's relative position bias tables")),
+    AblationRow(_MIXER, 'SRA', 'fat_b0_sra', 4.4, 0.7, 76.2,
+                deviation=_DENSE_REDUCTION.format('PVT-v2 SRA (every block)', '0.95')),
+    AblationRow(_MIXER, 'LSA / GSA', 'fat_b0_twins', 4.3, 0.7, 76.6,
+                deviation=_DENSE_REDUCTION.format('Twins GSA (every other block)', '0.48')),
+    AblationRow(_MIXER, 'CSWSA', 'fat_b0_cswin', 4.3, 0.8, 76.8,
+                deviation=_POSITION_TERMS.format("CSWin's LePE convs")),
+    AblationRow(_MIXER, 'FASA', 'fat_b0', 4.5, 0.7, 77.6),
+)
+MODELS.update(_entries(*(ModelEntry(row.model, 'fat', ablation=True) for row in ABLATIONS if row.model not in MODELS)))
+
 PEERS = {
     'mobilevit_xs': Peer(74.8, 'fat_b0'),
     'edgenext_x_small': Peer(75.0, 'fat_b0'),
@@ -65,10 +115,12 @@ PEERS = {
 }
 
 
-def model_names(family: Optional[str] = None, published_only: bool = False) -> Tuple[str, ...]:
-    """The registered models, of one family if given, only those released by their authors if asked."""
+def model_names(family: Optional[str] = None, published_only: bool = False, ablations: bool = False) -> Tuple[str, ...]:
+    """The registered models, of one family if given, only those released by their authors if asked, the ablation
+    study's models only if asked."""
     return tuple(name for name, entry in MODELS.items()
-                 if (family is None or entry.family == family) and (entry.published or not published_only))
+                 if (family is None or entry.family == family) and (entry.published or not published_only)
+                 and (ablations or not entry.ablation))
 
 
 def compared_models() -> Tuple[str, ...]:

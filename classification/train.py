@@ -7,9 +7,13 @@
     python -m classification.train --cfg ... --data-path ... --eval --resume CHECKPOINT
     python -m classification.train --cfg ... --throughput
 
-Everything the run writes goes to --output: ``log.txt``, TensorBoard events, ``latest.pth``, ``best.pth``,
-``ckpt_epoch_N.pth`` every SAVE_FREQ epochs and ``summary.json``. Restarted with the same --output, a run
-resumes from ``latest.pth`` (TRAIN.AUTO_RESUME).
+Everything the run writes goes to --output: ``log.txt``, the resolved ``config.yaml``, TensorBoard events
+(x-axis: optimizer steps), ``summary.csv`` (a row per epoch), ``latest.pth``, ``best.pth``, ``ckpt_epoch_N.pth``
+every SAVE_FREQ epochs (the newest TRAIN.KEEP_CHECKPOINTS kept) and ``summary.json``. Restarted with the same
+--output, a run resumes from ``latest.pth`` (TRAIN.AUTO_RESUME); a run already complete stops at once.
+
+The training loop never waits for the device between two reports: the loss, its finiteness and the gradient norm
+are summed on the device and read, over all processes, once every PRINT_FREQ batches.
 """
 import argparse
 import contextlib
@@ -20,7 +24,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from typing import Dict, Optional, Sequence
 
@@ -33,7 +36,7 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
-from timm.utils import ModelEmaV3, accuracy
+from timm.utils import ModelEmaV3, accuracy, update_summary
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_map
@@ -41,8 +44,9 @@ from tqdm import tqdm
 from yacs.config import CfgNode
 
 from .checkpoint_io import CheckpointError, UnsafeCheckpointError, load_checkpoint_file, load_weights
+from .checkpointing import Checkpointer, set_rng_state
 from .config import ConfigError, load_config, total_epochs
-from .data import DatasetError, build_datasets, build_train_loader, build_val_loader
+from .data import DatasetError, DeviceNormalize, build_datasets, build_train_loader, build_val_loader
 from .synthetic_shapes import ensure_synthetic_shapes
 from .token_labelling import TokenLabelLoss
 
@@ -84,10 +88,13 @@ class Distributed:
             dist.barrier()
 
     def sum(self, values: Sequence[float]) -> torch.Tensor:
-        total = torch.tensor(values, dtype=torch.float64, device=self.device)
+        return self.sum_tensor(torch.tensor(values, dtype=torch.float64, device=self.device))
+
+    def sum_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the processes (in place)."""
         if self.enabled:
-            dist.all_reduce(total)
-        return total
+            dist.all_reduce(tensor)
+        return tensor
 
     def close(self):
         if self.enabled and dist.is_initialized():
@@ -110,11 +117,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def setup_logging(output: str, distributed: Distributed):
-    """Rank 0 logs everything to the console and log.txt; other ranks log warnings (corrupt images) to both."""
+def setup_logging(output: Optional[str], distributed: Distributed):
+    """Rank 0 logs everything to the console and ``output``/log.txt; other ranks log warnings (corrupt images) to
+    both. Without ``output``, to the console only."""
     level = logging.INFO if distributed.is_main else logging.WARNING
     formatter = logging.Formatter(f'[%(asctime)s rank{distributed.rank}] %(message)s', '%Y-%m-%d %H:%M:%S')
-    handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(os.path.join(output, 'log.txt'))]
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if output is not None:
+        os.makedirs(output, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(output, 'log.txt')))
     root = logging.getLogger()
     root.handlers.clear()
     for handler in handlers:
@@ -208,86 +219,37 @@ def build_model(config: CfgNode) -> nn.Module:
     return model
 
 
-# ---- checkpoints -------------------------------------------------------------------------------------------
-
-
-def _rng_state() -> Dict:
-    numpy_state = np.random.get_state()
-    state = dict(torch=torch.get_rng_state(), python=random.getstate(),
-                 numpy=(numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]))
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Dict):
-    torch.set_rng_state(state['torch'])
-    random.setstate(state['python'])
-    name, keys, *rest = state['numpy']
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
-
-
-def _atomic_save(state: Dict, path: str):
-    """Write ``state`` to ``path`` so that ``path`` is never a partly written file."""
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.' + os.path.basename(path))
-    try:
-        with os.fdopen(handle, 'wb') as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
-class Checkpointer:
-    def __init__(self, output: str, distributed: Distributed):
-        self.output = output
-        self.distributed = distributed
-
-    @property
-    def latest(self) -> str:
-        return os.path.join(self.output, 'latest.pth')
-
-    def save(self, state: Dict, epoch: int, is_best: bool, save_freq: int, last_epoch: bool):
-        """Collective: every rank contributes its RNG state; rank 0 writes the files."""
-        rng_states = [None] * self.distributed.world_size
-        if self.distributed.enabled:
-            dist.all_gather_object(rng_states, _rng_state())
-        else:
-            rng_states[0] = _rng_state()
-        if not self.distributed.is_main:
-            return
-        state = dict(state, rng=rng_states, world_size=self.distributed.world_size)
-        _atomic_save(state, self.latest)
-        copies = ['best.pth'] if is_best else []
-        if (epoch + 1) % save_freq == 0 or last_epoch:
-            copies.append(f'ckpt_epoch_{epoch + 1}.pth')
-        for name in copies:
-            _atomic_save(state, os.path.join(self.output, name))
-        _logger.info('saved %s%s', self.latest, ''.join(f', {name}' for name in copies))
-
-
 # ---- training and evaluation --------------------------------------------------------------------------------
+
+
+class BatchPreparation:
+    """A loader's batch on the training device: normalised there under DATA.DEVICE_NORMALIZE, channels-last under
+    TRAIN.CHANNELS_LAST."""
+
+    def __init__(self, config: CfgNode, device: torch.device):
+        self.device = device
+        self.channels_last = config.TRAIN.CHANNELS_LAST
+        self.normalize = DeviceNormalize(config, device) if config.DATA.DEVICE_NORMALIZE else None
+
+    def __call__(self, images: torch.Tensor, targets, training: bool):
+        images = images.to(self.device, non_blocking=True)
+        if self.normalize is not None:
+            images = self.normalize(images, training)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, tree_map(lambda tensor: tensor.to(self.device, non_blocking=True), targets)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, distributed: Distributed, amp_dtype: Optional[torch.dtype],
-             channels_last: bool) -> Dict[str, float]:
+             prepare: BatchPreparation) -> Dict[str, float]:
     model.eval()
     correct1 = correct5 = count = loss_sum = corrupt = 0
     for images, targets, num_corrupt in loader:
         corrupt += num_corrupt
         if not len(images):
             continue
-        images = images.to(distributed.device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        targets = targets.to(distributed.device, non_blocking=True)
+        images, targets = prepare(images, targets, training=False)
         with torch.autocast(distributed.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)
         logits = logits.float()
@@ -305,10 +267,10 @@ def evaluate(model: nn.Module, loader, distributed: Distributed, amp_dtype: Opti
 
 
 def evaluate_with_ema(model: nn.Module, ema_model: Optional[nn.Module], loader, distributed: Distributed,
-                      amp_dtype: Optional[torch.dtype], channels_last: bool) -> Dict[str, float]:
-    metrics = evaluate(model, loader, distributed, amp_dtype, channels_last)
+                      amp_dtype: Optional[torch.dtype], prepare: BatchPreparation) -> Dict[str, float]:
+    metrics = evaluate(model, loader, distributed, amp_dtype, prepare)
     if ema_model is not None:
-        ema = evaluate(ema_model, loader, distributed, amp_dtype, channels_last)
+        ema = evaluate(ema_model, loader, distributed, amp_dtype, prepare)
         metrics.update(ema_acc1=ema['acc1'], ema_acc5=ema['acc5'])
     return metrics
 
@@ -338,13 +300,27 @@ def evaluate_checkpoint(config: CfgNode, distributed: Distributed) -> Dict[str, 
         return model.to(distributed.device, memory_format=memory_format)
 
     ema_model = model_from('model_ema') if checkpoint.get('model_ema') is not None else None
-    metrics = evaluate_with_ema(model_from(None), ema_model, loader, distributed,
-                                resolve_amp(config.AMP, distributed.device), config.TRAIN.CHANNELS_LAST)
+    amp_dtype = resolve_amp(config.AMP, distributed.device)
+    metrics = evaluate_with_ema(model_from(None), ema_model, loader, distributed, amp_dtype,
+                                BatchPreparation(config, distributed.device))
     _logger.info('%s on %d images: acc@1 %.2f %%  acc@5 %.2f %%%s', config.MODEL.RESUME, metrics['images'],
                  metrics['acc1'], metrics['acc5'],
                  f"  (EMA acc@1 {metrics['ema_acc1']:.2f} %  acc@5 {metrics['ema_acc5']:.2f} %)"
                  if 'ema_acc1' in metrics else '')
     return metrics
+
+
+class _Interval:
+    """The hot loop's sums between two reports. The loss and the gradient norm stay on the device: reading them, once
+    per report, is the loop's only wait for the device."""
+
+    def __init__(self, device: torch.device, first_batch: int):
+        self.first_batch = first_batch
+        self.loss = torch.zeros((), device=device)
+        self.grad_norm = torch.zeros((), device=device)
+        self.batches = self.steps = self.corrupt = 0
+        self.data_seconds = 0.
+        self.start = time.perf_counter()
 
 
 class Trainer:
@@ -353,9 +329,10 @@ class Trainer:
         self.distributed = distributed
         self.device = distributed.device
         self.amp_dtype = resolve_amp(config.AMP, self.device)
-        self.channels_last = config.TRAIN.CHANNELS_LAST
         self.epochs = total_epochs(config)
-        self.checkpointer = Checkpointer(config.OUTPUT, distributed)
+        self.checkpointer = Checkpointer(config.OUTPUT, distributed.rank, distributed.world_size,
+                                         keep=config.TRAIN.KEEP_CHECKPOINTS)
+        self.prepare = BatchPreparation(config, self.device)
 
         train_set, val_set = prepare_datasets(config, distributed)
         self.train_loader, self.train_sampler = build_train_loader(config, train_set, distributed.world_size,
@@ -363,7 +340,7 @@ class Trainer:
         self.val_loader = build_val_loader(config, val_set, distributed.world_size, distributed.rank)
 
         self.model = build_model(config).to(self.device)
-        if self.channels_last:
+        if config.TRAIN.CHANNELS_LAST:
             self.model = self.model.to(memory_format=torch.channels_last)
         if distributed.enabled and self.device.type == 'cuda':
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
@@ -398,49 +375,72 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(os.path.join(config.OUTPUT, 'tensorboard'))
 
-    def resume(self, path: str):
-        checkpoint = load_checkpoint_file(path)
+    def resume(self, checkpoint: Dict, path: str):
+        """Continue from a checkpoint: this trainer's (weights, optimizer, EMA, epoch, random state), or weights only
+        (another run's, the authors'), for which training starts at TRAIN.START_EPOCH."""
         load_weights(self.model, checkpoint, head='fail')
-        if self.ema is not None and 'model_ema' in checkpoint:
-            load_weights(self.ema.module, checkpoint, head='fail', key='model_ema')
+        if self.ema is not None:
+            if checkpoint.get('model_ema') is not None:
+                load_weights(self.ema.module, checkpoint, head='fail', key='model_ema')
+            else:
+                self.ema.set(self.model)
+                _logger.info('%s holds no EMA weights: the EMA starts from its weights', path)
         if 'optimizer' not in checkpoint:
-            _logger.info('%s holds weights only: training starts at epoch %d', path, self.start_epoch)
+            _logger.info('%s holds weights only: training starts at epoch %d', path, self.start_epoch + 1)
             return
         self.optimizer.load_state_dict(checkpoint['optimizer'])
-        self.scheduler.load_state_dict(checkpoint['lr_scheduler'])
-        self.scaler.load_state_dict(checkpoint['scaler'])
+        self._load_scaler(checkpoint.get('scaler') or {}, path)
         self.start_epoch = checkpoint['epoch'] + 1
         self.max_accuracy = checkpoint['max_accuracy']
         self.history = checkpoint.get('history', [])
+        # the learning-rate schedule is this run's (built from its config), at the resumed step
+        self.scheduler.step_update(self.start_epoch * self.steps_per_epoch)
+        schedule = (checkpoint.get('global_batch'), checkpoint.get('steps_per_epoch'))
+        current = (global_batch_size(self.config, self.distributed.world_size), self.steps_per_epoch)
+        if schedule != current:
+            _logger.warning('%s was trained with a global batch of %s, %s steps per epoch; this run has %d, %d: the '
+                            'learning-rate schedule is rebuilt for this run from epoch %d', path, *schedule, *current,
+                            self.start_epoch + 1)
         rng = checkpoint.get('rng')
         if rng and len(rng) == self.distributed.world_size:
-            _set_rng_state(rng[self.distributed.rank])
+            set_rng_state(rng[self.distributed.rank])
         else:
             _logger.warning('%s was written by %s processes, this run has %d: random state not restored', path,
                             len(rng) if rng else 'an unknown number of', self.distributed.world_size)
         _logger.info('resuming from %s: epoch %d done, best acc@1 %.2f %%', path, checkpoint['epoch'] + 1,
                      self.max_accuracy)
 
+    def _load_scaler(self, state: Dict, path: str):
+        if self.scaler.is_enabled() and not state:
+            _logger.warning('%s has no fp16 loss-scale state (trained in bf16 or float32): the GradScaler starts '
+                            'afresh', path)
+        elif not self.scaler.is_enabled() and state:
+            _logger.warning('%s has fp16 loss-scale state, which this run (AMP %s on %s) does not use', path,
+                            self.amp_dtype or 'off', self.device.type)
+        else:
+            self.scaler.load_state_dict(state)
+
     def train_one_epoch(self, epoch: int) -> Dict[str, float]:
         config = self.config
         self.train_model.train()
         self.train_sampler.set_epoch(epoch)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(self.device)
         accumulation = config.TRAIN.ACCUMULATION_STEPS
         num_batches = self.steps_per_epoch * accumulation
-        global_batch = config.DATA.BATCH_SIZE * self.distributed.world_size
-        loss_sum = corrupt = 0.0
-        start = time.time()
+        loss_sum = corrupt = 0.
+        start = time.perf_counter()
         progress = tqdm(total=num_batches, desc=f'epoch {epoch + 1}/{self.epochs}', dynamic_ncols=True,
                         disable=not (self.distributed.is_main and sys.stdout.isatty()), file=sys.stdout)
+        interval = _Interval(self.device, first_batch=1)
         batches = iter(self.train_loader)
         for index in range(num_batches):
+            waited = time.perf_counter()
             images, targets, num_corrupt = next(batches)
-            corrupt += num_corrupt
-            images = images.to(self.device, non_blocking=True)
-            targets = tree_map(lambda tensor: tensor.to(self.device, non_blocking=True), targets)
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            interval.data_seconds += time.perf_counter() - waited
+            interval.corrupt += num_corrupt
+            images, targets = self.prepare(images, targets, training=True)
             if self.mixup is not None:
                 images, targets = self.mixup(images, targets)
             stepping = (index + 1) % accumulation == 0
@@ -449,53 +449,87 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     loss = self.criterion(self.train_model(images), targets)
                 self.scaler.scale(loss / accumulation).backward()
-            loss_value = self.distributed.sum([loss.item()]).item() / self.distributed.world_size
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(f'non-finite loss ({loss_value}) at epoch {epoch + 1}, '
-                                         f'step {index + 1}/{num_batches}: stopping')
-            loss_sum += loss_value
+            interval.loss += loss.detach().float()
+            interval.batches += 1
             if stepping:
-                self.optimizer_step(epoch * self.steps_per_epoch + (index + 1) // accumulation)
-            lr = self.optimizer.param_groups[0]['lr']
-            images_per_second = (index + 1) * global_batch / (time.time() - start)
-            progress.set_postfix(loss=f'{loss_value:.4f}', lr=f'{lr:.2e}', img_s=f'{images_per_second:.1f}')
+                interval.grad_norm += self.optimizer_step(epoch * self.steps_per_epoch + (index + 1) // accumulation)
+                interval.steps += 1
             progress.update()
             if (index + 1) % config.PRINT_FREQ == 0 or index + 1 == num_batches:
-                eta = (time.time() - start) / (index + 1) * (num_batches - index - 1)
-                _logger.info('epoch %d/%d step %d/%d  loss %.4f  lr %.3e  %.1f img/s  eta %s', epoch + 1,
-                             self.epochs, index + 1, num_batches, loss_value, lr, images_per_second,
-                             datetime.timedelta(seconds=int(eta)))
-            if self.writer is not None:
-                global_step = epoch * num_batches + index
-                self.writer.add_scalar('train/loss', loss_value, global_step)
-                self.writer.add_scalar('train/lr', lr, global_step)
+                stats = self._report(interval, epoch, index + 1, num_batches, start, progress)
+                loss_sum += stats['loss_sum']
+                corrupt += stats['corrupt']
+                interval = _Interval(self.device, first_batch=index + 2)
         progress.close()
-        corrupt = self.distributed.sum([corrupt]).item()
         if corrupt:
             _logger.warning('epoch %d: %d corrupt image(s) skipped', epoch + 1, corrupt)
-        elapsed = time.time() - start
-        return dict(loss=loss_sum / num_batches, images_per_second=num_batches * global_batch / elapsed,
+        elapsed = time.perf_counter() - start
+        images = num_batches * config.DATA.BATCH_SIZE * self.distributed.world_size
+        return dict(loss=loss_sum / (num_batches * self.distributed.world_size), images_per_second=images / elapsed,
                     seconds=elapsed, corrupt=int(corrupt))
 
-    def optimizer_step(self, global_step: int):
+    def _report(self, interval: _Interval, epoch: int, batch: int, num_batches: int, epoch_start: float,
+                progress: tqdm) -> Dict[str, float]:
+        """Read an interval's sums over all processes (the one wait for the device), stop if the loss was not
+        finite, and log the interval's averages."""
+        world_size = self.distributed.world_size
+        totals = torch.stack([interval.loss, interval.grad_norm,
+                              torch.tensor(float(interval.corrupt), device=self.device)]).double()
+        loss_sum, grad_norm_sum, corrupt = self.distributed.sum_tensor(totals).tolist()
+        if not math.isfinite(loss_sum):
+            where = f'step {batch}/{num_batches}' if interval.first_batch == batch else \
+                f'steps {interval.first_batch}-{batch}/{num_batches}'
+            raise NonFiniteLossError(f'non-finite loss at epoch {epoch + 1}, {where}: stopping')
+        now = time.perf_counter()
+        seconds = now - interval.start
+        stats = dict(loss=loss_sum / (interval.batches * world_size),
+                     lr=self.optimizer.param_groups[0]['lr'],
+                     images_per_second=interval.batches * self.config.DATA.BATCH_SIZE * world_size / seconds,
+                     data_seconds=interval.data_seconds / interval.batches,
+                     compute_seconds=(seconds - interval.data_seconds) / interval.batches)
+        if interval.steps:
+            stats['grad_norm'] = grad_norm_sum / (interval.steps * world_size)
+        if self.scaler.is_enabled():
+            stats['loss_scale'] = self.scaler.get_scale()
+        if self.device.type == 'cuda':
+            stats['peak_memory_gib'] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        eta = (now - epoch_start) / batch * (num_batches - batch)
+        _logger.info('epoch %d/%d step %d/%d  loss %.4f  lr %.3e  %s%.1f img/s  data %.3f s  compute %.3f s per batch'
+                     '%s%s  eta %s', epoch + 1, self.epochs, batch, num_batches, stats['loss'], stats['lr'],
+                     f"grad norm {stats['grad_norm']:.3f}  " if 'grad_norm' in stats else '',
+                     stats['images_per_second'], stats['data_seconds'], stats['compute_seconds'],
+                     f"  loss scale {stats['loss_scale']:g}" if 'loss_scale' in stats else '',
+                     f"  peak memory {stats['peak_memory_gib']:.2f} GiB" if 'peak_memory_gib' in stats else '',
+                     datetime.timedelta(seconds=int(eta)))
+        progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}",
+                             img_s=f"{stats['images_per_second']:.1f}")
+        if self.writer is not None:
+            step = epoch * self.steps_per_epoch + batch // self.config.TRAIN.ACCUMULATION_STEPS
+            for name, value in stats.items():
+                self.writer.add_scalar(f'train/{name}', value, step)
+        return dict(loss_sum=loss_sum, corrupt=corrupt)
+
+    def optimizer_step(self, global_step: int) -> torch.Tensor:
+        """Clip (TRAIN.CLIP_GRAD), step, schedule and average; the gradient norm before clipping, on the device."""
+        self.scaler.unscale_(self.optimizer)
         if self.config.TRAIN.CLIP_GRAD > 0:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.TRAIN.CLIP_GRAD)
+            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.TRAIN.CLIP_GRAD)
+        else:
+            grad_norm = nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step_update(global_step)
         if self.ema is not None:
             self.ema.update(self.model, step=global_step)
+        return grad_norm
 
     def evaluate(self) -> Dict[str, float]:
         return evaluate_with_ema(self.model, self.ema.module if self.ema else None, self.val_loader, self.distributed,
-                                 self.amp_dtype, self.channels_last)
+                                 self.amp_dtype, self.prepare)
 
     def fit(self) -> Dict:
         config = self.config
-        if self.start_epoch >= self.epochs:
-            _logger.info('all %d epochs are done', self.epochs)
         _logger.info('training %s for epochs %d-%d, %d steps each, lr %.3e for a global batch of %d', config.MODEL.NAME,
                      self.start_epoch + 1, self.epochs, self.steps_per_epoch,
                      scaled_learning_rates(config, self.distributed.world_size)['lr'],
@@ -504,25 +538,29 @@ class Trainer:
         for epoch in range(self.start_epoch, self.epochs):
             train_stats = self.train_one_epoch(epoch)
             metrics = self.evaluate()
-            best = max(metrics['acc1'], metrics.get('ema_acc1', 0.0))
-            is_best = best > self.max_accuracy
-            self.max_accuracy = max(self.max_accuracy, best)
+            weights = 'ema' if metrics.get('ema_acc1', -1.) > metrics['acc1'] else 'model'
+            accuracy1 = metrics['ema_acc1'] if weights == 'ema' else metrics['acc1']
+            best = dict(weights=weights, metric='acc1', value=accuracy1, epoch=epoch + 1) \
+                if accuracy1 > self.max_accuracy else None
+            self.max_accuracy = max(self.max_accuracy, accuracy1)
             _logger.info('epoch %d/%d: train loss %.4f, %.1f img/s; val acc@1 %.2f %% acc@5 %.2f %%%s; best %.2f %%',
                          epoch + 1, self.epochs, train_stats['loss'], train_stats['images_per_second'],
                          metrics['acc1'], metrics['acc5'],
                          f" (EMA {metrics['ema_acc1']:.2f} %)" if 'ema_acc1' in metrics else '', self.max_accuracy)
-            if self.writer is not None:
-                for name, value in (('val/acc1', metrics['acc1']), ('val/acc5', metrics['acc5']),
-                                    ('val/ema_acc1', metrics.get('ema_acc1')),
-                                    ('train/epoch_loss', train_stats['loss']),
-                                    ('train/throughput', train_stats['images_per_second'])):
-                    if value is not None:
-                        self.writer.add_scalar(name, value, epoch + 1)
+            if self.distributed.is_main:
+                step = (epoch + 1) * self.steps_per_epoch
+                for name, value in metrics.items():
+                    self.writer.add_scalar(f'val/{name}', value, step)
+                self.writer.add_scalar('train/epoch_loss', train_stats['loss'], step)
                 self.writer.flush()
+                update_summary(epoch + 1, dict(loss=train_stats['loss'],
+                                               images_per_second=train_stats['images_per_second']),
+                               metrics, os.path.join(config.OUTPUT, 'summary.csv'),
+                               lr=self.optimizer.param_groups[0]['lr'])
             self.history.append(dict(epoch=epoch + 1, train_loss=train_stats['loss'],
                                      **{k: v for k, v in train_stats.items() if k != 'loss'},
                                      val_loss=metrics['loss'], **{k: v for k, v in metrics.items() if k != 'loss'}))
-            self.checkpointer.save(self.state(epoch), epoch, is_best, config.SAVE_FREQ,
+            self.checkpointer.save(self.state(epoch), epoch, best, config.SAVE_FREQ,
                                    last_epoch=epoch + 1 == self.epochs)
         return dict(model=config.MODEL.NAME, epochs=self.epochs, max_accuracy=self.max_accuracy,
                     final=self.history[-1] if self.history else None, train_seconds_this_run=time.time() - started,
@@ -532,9 +570,10 @@ class Trainer:
 
     def state(self, epoch: int) -> Dict:
         return dict(model=self.model.state_dict(), model_ema=self.ema.module.state_dict() if self.ema else None,
-                    optimizer=self.optimizer.state_dict(), lr_scheduler=self.scheduler.state_dict(),
-                    scaler=self.scaler.state_dict(), epoch=epoch, max_accuracy=self.max_accuracy,
-                    history=self.history, config=self.config.dump())
+                    optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), epoch=epoch,
+                    max_accuracy=self.max_accuracy, history=self.history, config=self.config.dump(),
+                    global_batch=global_batch_size(self.config, self.distributed.world_size),
+                    steps_per_epoch=self.steps_per_epoch)
 
 
 @torch.no_grad()
@@ -579,14 +618,13 @@ def run(args: argparse.Namespace) -> Optional[Dict]:
 
 
 def run_job(config: CfgNode, distributed: Distributed, cli_batch_size: Optional[int]) -> Optional[Dict]:
-    os.makedirs(config.OUTPUT, exist_ok=True)
-    setup_logging(config.OUTPUT, distributed)
     seed = config.SEED + distributed.rank
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
 
     if config.THROUGHPUT_MODE:
+        setup_logging(config.OUTPUT, distributed)
         amp_dtype = resolve_amp(config.AMP, distributed.device)
         batch_size = cli_batch_size or THROUGHPUT_BATCH
         images_per_second = measure_throughput(config, distributed.device, amp_dtype, batch_size)
@@ -596,16 +634,28 @@ def run_job(config: CfgNode, distributed: Distributed, cli_batch_size: Optional[
         return dict(throughput=images_per_second)
 
     if config.EVAL_MODE:
+        setup_logging(config.OUTPUT, distributed)
         return evaluate_checkpoint(config, distributed)
 
+    latest = os.path.join(config.OUTPUT, 'latest.pth')
+    resume_from = config.MODEL.RESUME or (latest if config.TRAIN.AUTO_RESUME and os.path.isfile(latest) else None)
+    checkpoint = load_checkpoint_file(resume_from) if resume_from else None
+    if checkpoint is not None and 'optimizer' in checkpoint and checkpoint['epoch'] + 1 >= total_epochs(config):
+        setup_logging(None, distributed)  # nothing is written to a finished run's folder
+        _logger.info('%s: all %d epochs are done, nothing to train (raise TRAIN.EPOCHS to continue)', resume_from,
+                     total_epochs(config))
+        return None
+
+    setup_logging(config.OUTPUT, distributed)
     _logger.info('config:\n%s', config.dump())
+    if distributed.is_main:
+        with open(os.path.join(config.OUTPUT, 'config.yaml'), 'w') as f:
+            f.write(config.dump())
     trainer = Trainer(config, distributed)
-    resume_from = config.MODEL.RESUME
-    if not resume_from and config.TRAIN.AUTO_RESUME and os.path.isfile(trainer.checkpointer.latest):
-        resume_from = trainer.checkpointer.latest
-        _logger.info('auto-resume: found %s', resume_from)
-    if resume_from:
-        trainer.resume(resume_from)
+    if checkpoint is not None:
+        if resume_from == latest and not config.MODEL.RESUME:
+            _logger.info('auto-resume: found %s', resume_from)
+        trainer.resume(checkpoint, resume_from)
     summary = trainer.fit()
     if distributed.is_main:
         with open(os.path.join(config.OUTPUT, 'summary.json'), 'w') as f:

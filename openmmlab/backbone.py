@@ -101,7 +101,7 @@ class PyramidBackbone(BaseModule):
         if drop_path_rate is not None:
             kwargs['drop_path_rate'] = drop_path_rate
         if isinstance(arch, str):
-            names = model_names(self.family)
+            names = model_names(self.family, ablations=True)
             if arch not in names:
                 raise BackboneConfigError(
                     f"{type(self).__name__}: unknown arch {arch!r}: use one of {', '.join(names)}, or a dict of "

@@ -60,6 +60,13 @@ def write_image_folder(root: Path, train_per_class: int, val_per_class: int, cla
     return root
 
 
+def run_ok(command, timeout=600) -> subprocess.CompletedProcess:
+    """Run a command from the repository's root; its result, after checking it succeeded."""
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
 @pytest.fixture(scope='session')
 def classification_trainer_checkpoint(tmp_path_factory) -> Path:
     """A checkpoint written by ``python -m classification.train``: FAT-B0, one epoch on a tiny dataset."""
@@ -69,9 +76,20 @@ def classification_trainer_checkpoint(tmp_path_factory) -> Path:
                '--data-path', str(data), '--output', str(root / 'output'), '--batch-size', '4',
                '--opts', 'TRAIN.EPOCHS', '1', 'TRAIN.WARMUP_EPOCHS', '0', 'DATA.IMG_SIZE', '32',
                'DATA.NUM_WORKERS', '0', 'MODEL.NUM_CLASSES', '3']
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    run_ok(command)
     return root / 'output' / 'latest.pth'
+
+
+@pytest.fixture(scope='session')
+def lvt_classification_checkpoint(tmp_path_factory) -> Path:
+    """An LVT ImageNet classifier's weights (``lvt_cls``, untrained) as a plain state dict, the form of timm's
+    exports."""
+    import timm
+
+    path = tmp_path_factory.mktemp('lvt_classifier') / 'lvt_cls.pth'
+    torch.manual_seed(0)  # the same weights whichever tests ran before
+    torch.save(timm.create_model('lvt_cls').state_dict(), path)
+    return path
 
 
 # ---- OpenMMLab entry points (detection and segmentation tests) ---------------------------------------------------

@@ -14,7 +14,11 @@ from mmdet.testing import demo_mm_inputs
 from conftest import REPO_ROOT, build_and_check_model, cli_exit, read_json_lines, run_entry_point
 from openmmlab import cli
 
-DETECTION_CONFIGS = sorted((REPO_ROOT / 'configs' / 'detection').glob('*.py'))
+pytestmark = pytest.mark.slow  # training and evaluation pipelines of OpenMMLab
+
+# the FAT configs (those for LVT have their own protocol)
+DETECTION_CONFIGS = sorted(path for path in (REPO_ROOT / 'configs' / 'detection').rglob('*.py')
+                           if '_base_' not in path.parts and '_fat-' in path.name)
 IMAGE_SIZE = (128, 96)
 CATEGORIES = [{'id': 1, 'name': 'disc'}, {'id': 2, 'name': 'box'}]
 
@@ -62,10 +66,17 @@ def tiny_coco(tmp_path_factory) -> Path:
     return root
 
 
+# (epochs, AdamW learning rate) that overfit the 8 training images, 4 iterations an epoch; measured on the training
+# images: RetinaNet 0.54 box mAP, Mask R-CNN 0.54 box and 0.68 mask mAP. A detector that learns nothing scores 0.
+OVERFIT = {'retinanet': (40, 2e-4), 'mask-rcnn': (25, 1e-3)}
+MAP_FLOOR = 0.3
+
+
 def tiny_config(directory: Path, detector: str) -> Path:
-    """The FAT-B0 config for the tiny dataset's two categories, with few proposals and RoIs to be quick on CPU.
-    An untrained detector scores below the default threshold of 0.05: every box is kept, so that pycocotools
-    has results to evaluate."""
+    """The FAT-B0 config for the tiny dataset's two categories, with few proposals and RoIs to be quick on CPU and a
+    schedule that overfits the training images. Every box is kept (score threshold 0), so that pycocotools has
+    results to evaluate even from an untrained detector."""
+    epochs, lr = OVERFIT[detector]
     if detector == 'retinanet':
         heads = "bbox_head=dict(num_classes=2), test_cfg=dict(score_thr=0.0)"
     else:
@@ -82,6 +93,11 @@ test_dataloader = dict(dataset=dict(metainfo=metainfo), num_workers=0, persisten
 val_dataloader = val_cfg = val_evaluator = None
 model = dict(
     {heads})
+optim_wrapper = dict(optimizer=dict(lr={lr}))
+param_scheduler = [dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=20)]
+train_cfg = dict(max_epochs={epochs})
+default_hooks = dict(checkpoint=dict(interval={epochs}), logger=dict(interval=4))
+randomness = dict(seed=0)
 """)
     return path
 
@@ -100,40 +116,44 @@ def dataset_options(root: Path, stage: str, split: str) -> list:
 
 @pytest.fixture(scope='module', params=['retinanet', 'mask-rcnn'])
 def trained_detector(request, tmp_path_factory, tiny_coco, classification_trainer_checkpoint):
-    """A FAT-B0 detector trained one epoch (4 iterations of 2 images) through ``python -m detection.train``,
-    its backbone initialised from the classification trainer's checkpoint."""
+    """A FAT-B0 detector trained through ``python -m detection.train`` until it overfits the tiny training set, its
+    backbone initialised from the classification trainer's checkpoint."""
     directory = tmp_path_factory.mktemp(request.param)
     config = tiny_config(directory, request.param)
     work_dir = directory / 'work_dir'
     log = run_entry_point(
         'detection.train', config, '--work-dir', work_dir, '--cfg-options',
-        *dataset_options(tiny_coco, 'train', 'train'), 'train_cfg.max_epochs=1', 'default_hooks.logger.interval=1',
+        *dataset_options(tiny_coco, 'train', 'train'),
         f'model.backbone.init_cfg.checkpoint={classification_trainer_checkpoint}')
-    return dict(detector=request.param, config=config, work_dir=work_dir, log=log)
+    epochs = OVERFIT[request.param][0]
+    return dict(detector=request.param, config=config, work_dir=work_dir, log=log,
+                checkpoint=work_dir / f'epoch_{epochs}.pth', epochs=epochs)
 
 
 def test_training_from_a_classification_checkpoint(trained_detector, classification_trainer_checkpoint):
     assert f'loaded pretrained weights from {classification_trainer_checkpoint}' in trained_detector['log']
     scalars = read_json_lines(next(trained_detector['work_dir'].glob('*/vis_data/scalars.json')))
     losses = [entry['loss'] for entry in scalars]
-    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
-    assert (trained_detector['work_dir'] / 'epoch_1.pth').is_file()
+    assert len(losses) == trained_detector['epochs'] and all(math.isfinite(loss) for loss in losses)
+    assert trained_detector['checkpoint'].is_file()
 
 
-def test_evaluation_reports_coco_map(trained_detector, tiny_coco, tmp_path):
-    run_entry_point('detection.test', trained_detector['config'], trained_detector['work_dir'] / 'epoch_1.pth',
-                    '--work-dir', tmp_path, '--cfg-options', *dataset_options(tiny_coco, 'test', 'val'))
+def test_evaluation_of_the_overfit_detector_reaches_a_floor(trained_detector, tiny_coco, tmp_path):
+    """Tested on the images it was trained on, a working pipeline scores well; one that learns nothing, or whose
+    evaluation is broken, scores near 0."""
+    run_entry_point('detection.test', trained_detector['config'], trained_detector['checkpoint'],
+                    '--work-dir', tmp_path, '--cfg-options', *dataset_options(tiny_coco, 'test', 'train'))
     metrics = read_json_lines(next(tmp_path.glob('*/*.json')))[-1]
     kinds = ['bbox', 'segm'] if trained_detector['detector'] == 'mask-rcnn' else ['bbox']
     for kind in kinds:
-        for name in ('mAP', 'mAP_50', 'mAP_75', 'mAP_s', 'mAP_m', 'mAP_l'):
+        for name in ('mAP_50', 'mAP_75', 'mAP_s', 'mAP_m', 'mAP_l'):
             assert -1 <= metrics[f'coco/{kind}_{name}'] <= 1  # pycocotools gives -1 where no object is that size
-        assert 0 <= metrics[f'coco/{kind}_mAP'] <= 1
+        assert MAP_FLOOR <= metrics[f'coco/{kind}_mAP'] <= 1
 
 
 def test_test_refuses_a_checkpoint_of_another_model(trained_detector, tiny_coco, tmp_path):
     other = 'retinanet' if trained_detector['detector'] == 'mask-rcnn' else 'mask-rcnn'
-    checkpoint = trained_detector['work_dir'] / 'epoch_1.pth'
+    checkpoint = trained_detector['checkpoint']
     error = cli_exit(cli.test, tiny_config(tmp_path, other), checkpoint, '--work-dir',
                      tmp_path / 'work_dir', '--cfg-options', *dataset_options(tiny_coco, 'test', 'val'))
     assert 'does not fit the model of' in str(error)

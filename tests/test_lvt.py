@@ -3,7 +3,6 @@ import argparse
 import json
 import math
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from classification.data import build_datasets
 from classification.lvt import _swap_box, checkpoint_filter_fn
 from classification.model_table import count_flops, count_params
 from classification.token_labelling import TokenLabelLoss, dense_targets
-from conftest import REPO_ROOT, RunsShellCommand, write_image_folder
+from conftest import REPO_ROOT, RunsShellCommand, run_ok, write_image_folder
 
 LVT_CONFIG = str(REPO_ROOT / 'configs' / 'classification' / 'lvt_cls.yaml')
 WIDTHS = [64, 64, 160, 256]
@@ -139,6 +138,7 @@ def test_channels_last_autocast_forward_backward(dtype):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager():
     model = timm.create_model('lvt_cls').eval()
     images = torch.randn(2, 3, 64, 96)
@@ -216,6 +216,7 @@ def write_score_maps(data: Path, root: Path, classes: int) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('with_score_maps', [True, False])
 def test_token_labelling_trains_through_the_trainer(tmp_path, with_score_maps):
     """The recipe's config (MixToken on) for 2 epochs and 1 of cool-down, 3 steps each."""
@@ -226,9 +227,7 @@ def test_token_labelling_trains_through_the_trainer(tmp_path, with_score_maps):
                '--output', str(tmp_path / 'output'), '--batch-size', '4', *score_maps,
                '--opts', 'DATA.IMG_SIZE', '64', 'DATA.NUM_WORKERS', '0', 'MODEL.NUM_CLASSES', '3', 'TRAIN.EPOCHS', '2',
                'TRAIN.WARMUP_EPOCHS', '1', 'TRAIN.COOLDOWN_EPOCHS', '1', 'PRINT_FREQ', '1']
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    log = result.stdout
+    log = run_ok(command).stdout
     assert ('with the score maps of' in log) == with_score_maps
     assert ('the patch tokens learn their image\'s label' in log) == (not with_score_maps)
     summary = json.loads((tmp_path / 'output' / 'summary.json').read_text())
@@ -248,14 +247,13 @@ def test_missing_score_maps_are_named(tmp_path):
         build_datasets(config)
 
 
+@pytest.mark.slow
 def test_eval_of_authors_checkpoint(tmp_path, reference_dir):
     data = write_image_folder(tmp_path / 'data', 2, 4)
     checkpoint = lvt_reference(reference_dir) / 'lvt_cls_official_format.pth'
-    result = subprocess.run(
-        [sys.executable, '-m', 'classification.train', '--cfg', LVT_CONFIG, '--data-path', str(data), '--output',
-         str(tmp_path / 'eval'), '--eval', '--resume', str(checkpoint), '--opts', 'DATA.IMG_SIZE', '64',
-         'DATA.NUM_WORKERS', '0'], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_ok([sys.executable, '-m', 'classification.train', '--cfg', LVT_CONFIG, '--data-path', str(data),
+                     '--output', str(tmp_path / 'eval'), '--eval', '--resume', str(checkpoint), '--opts',
+                     'DATA.IMG_SIZE', '64', 'DATA.NUM_WORKERS', '0'])
     reported = re.search(r'on 12 images: acc@1 ([\d.]+) %  acc@5 ([\d.]+) %', result.stdout)
     assert reported
 

@@ -164,6 +164,7 @@ def test_channels_last_autocast_forward_backward(dtype):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager_forward_and_backward():
     # a shallower FAT-B0 has every module type of the full one and compiles in a fraction of the time
     model = timm.create_model('fat_b0', depths=(2, 2, 2, 1), drop_path_rate=0.).train()
@@ -182,4 +183,5 @@ def test_torch_compile_matches_eager_forward_and_backward():
 
 
 def test_registry_lists_exactly_the_registered_models():
-    assert sorted(model_names()) == sorted(timm.list_models(module=sorted({e.family for e in MODELS.values()})))
+    families = sorted({entry.family for entry in MODELS.values()})
+    assert sorted(model_names(ablations=True)) == sorted(timm.list_models(module=families))

@@ -160,6 +160,7 @@ def test_detector_checkpoints_of_the_former_layout_load():
         torch.testing.assert_close(value, legacy[f'backbone.fat.{key}'], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_segmentation_needs_no_mmdetection():
     """An MMSegmentation user without MMDetection: the segmentor builds and runs, and its checkpoints load
     through the restricted loader."""
@@ -192,7 +193,8 @@ def test_lvt_backbone_loads_the_authors_classifier_and_downstream_files(referenc
     torch.save(downstream, tmp_path / 'lvt_backbone.pth')
     images = torch.randn(1, 3, 96, 64)
     expected = _features(reference, images)
-    for arch, path in (('lvt_cls', classifier), ('lvt', tmp_path / 'lvt_backbone.pth')):
+    for arch, path in (('lvt_cls', classifier), ('lvt', tmp_path / 'lvt_backbone.pth'),
+                       ('lvt_cls', tmp_path / 'lvt_backbone.pth')):
         backbone = LVTBackbone(arch, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
         backbone.init_weights()
         assert backbone.out_channels == [64, 64, 160, 256]

@@ -1,26 +1,28 @@
+import csv
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import timm
 import torch
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS, AugmentOp
 
 from classification.checkpoint_io import load_checkpoint_file
 from classification.config import get_defaults, load_config
-from classification.data import build_datasets, build_transform
-from classification.train import build_model, build_scheduler, main
-from conftest import write_image_folder
+from classification.data import DeviceNormalize, build_datasets, build_transform
+from classification.train import Distributed, Trainer, build_model, build_scheduler, main, scaled_learning_rates
+from conftest import REPO_ROOT, run_ok, write_image_folder
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 B0_CONFIG = str(REPO_ROOT / 'configs' / 'classification' / 'fat_b0.yaml')
 # a small, fast run of the full recipe (RandAugment, Mixup/CutMix, random erasing, label smoothing, EMA)
 TINY = ['DATA.IMG_SIZE', '32', 'DATA.NUM_WORKERS', '0', 'DATA.PIN_MEMORY', 'False', 'MODEL.NUM_CLASSES', '3',
@@ -33,12 +35,6 @@ def train_command(data: Path, output: Path, *opts: str, nproc: int = 1):
         launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc), '-m']
     return launcher + ['classification.train', '--cfg', B0_CONFIG, '--data-path', str(data), '--output', str(output),
                        '--opts', *TINY, *opts]
-
-
-def run_ok(command, timeout=600):
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
 
 
 def exit_message(*argv) -> str:
@@ -144,23 +140,51 @@ def test_data_errors_are_one_line(tmp_path):
     assert 'differ' in message and "only in train: ['bar']" in message and "only in val: ['rod']" in message
 
 
-def test_non_finite_loss_stops_with_the_step(tmp_path):
+@pytest.mark.parametrize('print_freq, where', [(1, 'step 1/3'), (3, 'steps 1-3/3')])
+def test_non_finite_loss_stops_with_the_step_range(tmp_path, print_freq, where):
+    """The loss is read once per PRINT_FREQ steps: the stop names the steps since the last read."""
     data = write_image_folder(tmp_path / 'data', 4, 1)
     weights = timm.create_model('fat_b0', num_classes=3).state_dict()
     weights['head.fc.weight'].fill_(float('nan'))
     torch.save(weights, tmp_path / 'nan.pth')
     message = exit_message('--cfg', B0_CONFIG, '--data-path', str(data), '--output', str(tmp_path / 'out'),
-                           '--batch-size', '4', '--opts', *TINY, 'MODEL.PRETRAINED', str(tmp_path / 'nan.pth'))
-    assert 'non-finite loss' in message and 'epoch 1, step 1/' in message
+                           '--batch-size', '4', '--opts', *TINY, 'MODEL.PRETRAINED', str(tmp_path / 'nan.pth'),
+                           'PRINT_FREQ', str(print_freq))
+    assert message == f'error: non-finite loss at epoch 1, {where}: stopping'
+
+
+def test_training_loop_reads_the_device_once_per_report(tmp_path, monkeypatch):
+    """No per-step host synchronisation in the trainer: its code reads a tensor's value once per PRINT_FREQ steps
+    (6 steps, 2 reports), never per step. (What libraries read inside a step, such as the CPU optimizer's step
+    counters, is theirs.)"""
+    data = write_image_folder(tmp_path / 'data', 4, 1)
+    config = load_config(B0_CONFIG, [*TINY, 'PRINT_FREQ', '3', 'DATA.BATCH_SIZE', '2'],
+                         **{'DATA.DATA_PATH': str(data), 'OUTPUT': str(tmp_path / 'out')})
+    trainer = Trainer(config, Distributed())
+    trainer.train_loader = list(trainer.train_loader)  # loaded beforehand: the data pipeline's own reads don't count
+    ours = str(REPO_ROOT / 'classification')
+    reads = []
+    for method in ('item', 'tolist', '__float__', '__int__', '__bool__'):
+        original = getattr(torch.Tensor, method)
+
+        def counted(tensor, *args, original=original, method=method):
+            if sys._getframe(1).f_code.co_filename.startswith(ours):
+                reads.append(method)
+            return original(tensor, *args)
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    trainer.train_one_epoch(0)
+    monkeypatch.undo()
+    assert trainer.steps_per_epoch == 6 and reads == ['tolist', 'tolist']
 
 
 # ---- training, evaluation, resuming ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_process_ddp_with_corrupt_images_then_eval(tmp_path):
     data = write_image_folder(tmp_path / 'data', 6, 3, corrupt=True)
     output = tmp_path / 'ddp'
-    run_ok(train_command(data, output, 'TRAIN.EPOCHS', '2', 'DATA.BATCH_SIZE', '4', nproc=2))
+    run_ok(train_command(data, output, 'TRAIN.EPOCHS', '2', 'DATA.BATCH_SIZE', '4', 'PRINT_FREQ', '2', nproc=2))
     summary = json.loads((output / 'summary.json').read_text())
     assert summary['world_size'] == 2 and summary['global_batch'] == 8
     assert [entry['epoch'] for entry in summary['history']] == [1, 2]
@@ -169,18 +193,42 @@ def test_two_process_ddp_with_corrupt_images_then_eval(tmp_path):
     log = (output / 'log.txt').read_text()
     assert 'corrupt image skipped' in log and 'broken.png' in log
     assert re.search(r'epoch 2: \d+ corrupt image\(s\) skipped', log)
-    assert {'latest.pth', 'best.pth', 'ckpt_epoch_1.pth', 'ckpt_epoch_2.pth'} <= set(os.listdir(output))
-    assert list((output / 'tensorboard').iterdir())
+    # each process has 21 / 2 images, 2 batches of 4: one report per 2 batches, with the interval's averages
+    assert len(re.findall(r'epoch 2/2 step 2/2  loss [\d.]+  lr [\d.e-]+  grad norm [\d.]+  [\d.]+ img/s  '
+                          r'data [\d.]+ s  compute [\d.]+ s per batch', log)) == 1
+    assert {'latest.pth', 'best.pth', 'ckpt_epoch_1.pth', 'ckpt_epoch_2.pth', 'config.yaml', 'summary.csv'} <= \
+        set(os.listdir(output))
+    assert load_config(str(output / 'config.yaml')).DATA.BATCH_SIZE == 4
+    rows = list(csv.DictReader((output / 'summary.csv').open()))
+    assert [row['epoch'] for row in rows] == ['1', '2'] and float(rows[1]['eval_acc1']) == summary['final']['acc1']
+    scalars = EventAccumulator(str(output / 'tensorboard')).Reload()
+    assert [event.step for event in scalars.Scalars('train/loss')] == [2, 4]  # optimizer steps
+    assert [event.step for event in scalars.Scalars('val/acc1')] == [2, 4]
 
-    # this trainer's checkpoint: --eval reproduces the final validation accuracy
+    # --eval of this trainer's checkpoint reports what the checkpoint's own logits give
     result = run_ok([sys.executable, '-m', 'classification.train', '--cfg', B0_CONFIG, '--data-path', str(data),
                      '--output', str(tmp_path / 'eval'), '--eval', '--resume', str(output / 'latest.pth'),
                      '--opts', *TINY])
     accuracy = re.search(r'on 9 images: acc@1 ([\d.]+) %', result.stdout)
     assert accuracy and float(accuracy.group(1)) == pytest.approx(summary['final']['acc1'], abs=0.01)
+    assert float(accuracy.group(1)) == pytest.approx(top1_of_checkpoint(output / 'latest.pth', data), abs=0.01)
     assert 'EMA acc@1' in result.stdout
 
 
+def top1_of_checkpoint(checkpoint: Path, data: Path) -> float:
+    """The top-1 accuracy (%) of a trainer checkpoint on the readable validation images, from per-sample logits."""
+    config = load_config(B0_CONFIG, TINY, **{'DATA.DATA_PATH': str(data)})
+    model = build_model(config)
+    model.load_state_dict(load_checkpoint_file(checkpoint)['model'])
+    _, val = build_datasets(config)
+    items = [val[i] for i in range(len(val))]
+    readable = [item for item in items if item is not None]
+    with torch.no_grad():
+        predictions = model.eval()(torch.stack([item[0] for item in readable])).argmax(1)
+    return 100 * (predictions == torch.tensor([item[1] for item in readable])).float().mean().item()
+
+
+@pytest.mark.slow
 def test_eval_of_authors_checkpoint(tmp_path, reference_dir):
     data = write_image_folder(tmp_path / 'data', 2, 4)
     checkpoint = reference_dir / 'fat_b0_official_format.pth'
@@ -202,37 +250,153 @@ def test_eval_of_authors_checkpoint(tmp_path, reference_dir):
                                                      abs=0.01)
 
 
+def killed_at_step(command, step: int):
+    """``command`` (a ``python -m classification.train`` command) run to SIGKILL itself right after optimizer
+    step ``step``: a crash at a chosen point, whatever the machine's speed."""
+    module = command.index('classification.train')
+    launcher = ('import os, signal, sys\n'
+                'from classification import train\n'
+                'step = train.Trainer.optimizer_step\n'
+                'def killing_step(self, global_step):\n'
+                '    norm = step(self, global_step)\n'
+                f'    if global_step == {step}:\n'
+                '        os.kill(os.getpid(), signal.SIGKILL)\n'
+                '    return norm\n'
+                'train.Trainer.optimizer_step = killing_step\n'
+                'train.main(sys.argv[1:])')
+    result = subprocess.run([sys.executable, '-c', launcher, *command[module + 1:]], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == -signal.SIGKILL, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     data = write_image_folder(tmp_path / 'data', 8, 2)
     opts = ['TRAIN.EPOCHS', '2', 'DATA.BATCH_SIZE', '2']
     run_ok(train_command(data, tmp_path / 'uninterrupted', *opts))
 
     output = tmp_path / 'interrupted'
-    process = subprocess.Popen(train_command(data, output, *opts), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    log = output / 'log.txt'
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if log.exists() and 'epoch 2/2 step 4/12' in log.read_text():
-            break
-        time.sleep(0.2)
-    assert process.poll() is None, 'the run ended before it could be killed mid-epoch'
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert 'epoch 2/2:' not in log.read_text()  # killed inside epoch 2
+    killed_at_step(train_command(data, output, *opts), step=12 + 4)  # 12 steps per epoch: the 4th of epoch 2
+    log = (output / 'log.txt').read_text()
+    assert 'epoch 2/2 step 3/12' in log and 'epoch 2/2 step 4/12' not in log
+    assert [row['epoch'] for row in csv.DictReader((output / 'summary.csv').open())] == ['1']
 
     result = run_ok(train_command(data, output, *opts))
-    assert 'auto-resume' in result.stdout and 'epoch 1 done' in result.stdout
+    assert 'auto-resume' in result.stdout and 'epoch 1 done' in result.stdout and 'WARNING' not in result.stdout
     summary = json.loads((output / 'summary.json').read_text())
     reference = json.loads((tmp_path / 'uninterrupted' / 'summary.json').read_text())
     assert [entry['epoch'] for entry in summary['history']] == [1, 2]
     assert [e['train_loss'] for e in summary['history']] == pytest.approx([e['train_loss'] for e in reference['history']])
+    assert [row['epoch'] for row in csv.DictReader((output / 'summary.csv').open())] == ['1', '2']
     resumed = load_checkpoint_file(output / 'latest.pth')['model']
     uninterrupted = load_checkpoint_file(tmp_path / 'uninterrupted' / 'latest.pth')['model']
     for key in uninterrupted:
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.fixture(scope='module')
+def one_epoch_run(tmp_path_factory):
+    """A finished 1-epoch run without EMA (3 steps of batch 4): the checkpoint the resume cases start from."""
+    root = tmp_path_factory.mktemp('one_epoch')
+    data = write_image_folder(root / 'data', 4, 1)
+    run_ok(train_command(data, root / 'run', 'TRAIN.EPOCHS', '1', 'TRAIN.WARMUP_EPOCHS', '0', 'DATA.BATCH_SIZE', '4',
+                         'TRAIN.EMA.ENABLED', 'False'))
+    return dict(data=data, checkpoint=root / 'run' / 'latest.pth')
+
+
+def continue_run(one_epoch_run, output: Path, *opts: str, resume: Optional[Path] = None, weights_only=False):
+    """Continue the 1-epoch run into a 2-epoch one in ``output`` (auto-resuming from a copy of its checkpoint, or
+    with --resume); returns the log."""
+    output.mkdir()
+    checkpoint = load_checkpoint_file(one_epoch_run['checkpoint'])
+    if weights_only:
+        torch.save(checkpoint['model'], output / 'weights.pth')
+    else:
+        shutil.copy(one_epoch_run['checkpoint'], output / 'latest.pth')
+    command = train_command(one_epoch_run['data'], output, 'TRAIN.EPOCHS', '2', 'DATA.BATCH_SIZE', '4', *opts)
+    if weights_only:
+        command[command.index('--opts'):command.index('--opts')] = ['--resume', str(output / 'weights.pth')]
+    return run_ok(command).stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('weights_only', [False, True], ids=['trainer checkpoint without EMA', 'weights only'])
+def test_resume_with_ema_starts_the_ema_from_the_resumed_weights(one_epoch_run, tmp_path, weights_only):
+    log = continue_run(one_epoch_run, tmp_path / 'run', 'TRAIN.EMA.ENABLED', 'True', weights_only=weights_only)
+    assert 'holds no EMA weights: the EMA starts from its weights' in log
+    resumed = load_checkpoint_file(one_epoch_run['checkpoint'])['model']
+    ema = load_checkpoint_file(tmp_path / 'run' / 'latest.pth')['model_ema']
+    fresh = timm.create_model('fat_b0', num_classes=3).state_dict()
+    for key in ('stem.conv1.conv.weight', 'head.fc.weight'):
+        # a 0.9998 average over 3 steps has barely left the weights it started from
+        assert (ema[key] - resumed[key]).abs().max() < 0.01 * (fresh[key] - resumed[key]).abs().max()
+
+
+@pytest.mark.slow
+def test_resume_with_another_batch_rebuilds_the_schedule(one_epoch_run, tmp_path):
+    log = continue_run(one_epoch_run, tmp_path / 'run', 'DATA.BATCH_SIZE', '2', 'TRAIN.WARMUP_EPOCHS', '1')
+    assert re.search(r'was trained with a global batch of 4, 3 steps per epoch; this run has 2, 6: the learning-rate '
+                     r'schedule is rebuilt for this run from epoch 2', log)
+    config = load_config(B0_CONFIG, [*TINY, 'TRAIN.EPOCHS', '2', 'DATA.BATCH_SIZE', '2'])
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=scaled_learning_rates(config, world_size=1)['lr'])
+    scheduler = build_scheduler(config, optimizer, steps_per_epoch=6, world_size=1)
+    reported = [float(lr) for lr in re.findall(r'epoch 2/2 step \d/6  loss [\d.]+  lr ([\d.e-]+)', log)]
+    expected = []
+    for step in range(7, 13):  # the rate after each optimizer step of epoch 2, for batch 2
+        scheduler.step_update(step)
+        expected.append(scheduler.optimizer.param_groups[0]['lr'])
+    assert reported == pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_resume_in_fp16_from_a_bf16_run(one_epoch_run, tmp_path):
+    """CPU autocast runs fp16 with a GradScaler, whose state a bf16 (or float32) run does not have."""
+    log = continue_run(one_epoch_run, tmp_path / 'run', 'AMP', 'fp16')
+    assert 'has no fp16 loss-scale state (trained in bf16 or float32): the GradScaler starts afresh' in log
+    assert re.search(r'epoch 2/2 step 3/3 .* loss scale \d+', log)
+
+
+@pytest.mark.slow
+def test_a_finished_run_stops_at_once_and_writes_nothing(one_epoch_run, tmp_path):
+    output = one_epoch_run['checkpoint'].parent
+    before = {path: (path.stat().st_mtime_ns, path.stat().st_size) for path in output.rglob('*')}
+    result = run_ok(train_command(one_epoch_run['data'], output, 'TRAIN.EPOCHS', '1', 'TRAIN.WARMUP_EPOCHS', '0',
+                                  'DATA.BATCH_SIZE', '4'))
+    assert f'{output / "latest.pth"}: all 1 epochs are done, nothing to train' in result.stdout
+    assert 'data:' not in result.stdout  # not even the data was read
+    assert {path: (path.stat().st_mtime_ns, path.stat().st_size) for path in output.rglob('*')} == before
+
+
+@pytest.mark.slow
+def test_checkpoints_are_bounded_and_linked(tmp_path):
+    """4 epochs keep the newest 2 periodic checkpoints; best and periodic files are links to latest.pth, not copies.
+    Normalisation and random erasing on the device, validation at another batch size."""
+    data = write_image_folder(tmp_path / 'data', 4, 2)
+    output = tmp_path / 'run'
+    log = run_ok(train_command(data, output, 'TRAIN.EPOCHS', '4', 'DATA.BATCH_SIZE', '4', 'TRAIN.KEEP_CHECKPOINTS',
+                               '2', 'DATA.DEVICE_NORMALIZE', 'True', 'DATA.VAL_BATCH_SIZE', '5')).stdout
+    assert sorted(path.name for path in output.glob('ckpt_epoch_*.pth')) == ['ckpt_epoch_3.pth', 'ckpt_epoch_4.pth']
+    assert 'removed ckpt_epoch_1.pth' in log and 'removed ckpt_epoch_2.pth' in log
+    assert (output / 'ckpt_epoch_4.pth').stat().st_ino == (output / 'latest.pth').stat().st_ino
+    best = load_checkpoint_file(output / 'best.pth')
+    summary = json.loads((output / 'summary.json').read_text())
+    assert best['best']['weights'] in ('model', 'ema') and best['best']['value'] == summary['max_accuracy']
+    assert best['best']['epoch'] == best['epoch'] + 1
+
+
+def test_normalisation_on_the_device_equals_the_workers():
+    config = load_config(B0_CONFIG, [*TINY, 'DATA.IMG_SIZE', '40'])
+    on_device = load_config(B0_CONFIG, [*TINY, 'DATA.IMG_SIZE', '40', 'DATA.DEVICE_NORMALIZE', 'True'])
+    image = Image.fromarray(torch.randint(0, 256, (48, 56, 3), dtype=torch.uint8).numpy())
+    expected = build_transform(config, is_training=False)(image)
+    uint8 = torch.as_tensor(build_transform(on_device, is_training=False)(image))
+    assert uint8.dtype == torch.uint8
+    normalised = DeviceNormalize(on_device, torch.device('cpu'))(uint8[None], training=False)[0]
+    torch.testing.assert_close(normalised, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_throughput_command(tmp_path):
     result = run_ok([sys.executable, '-m', 'classification.train', '--cfg', B0_CONFIG, '--throughput',
                      '--batch-size', '2', '--output', str(tmp_path), '--opts', 'DATA.IMG_SIZE', '32'])
