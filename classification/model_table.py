@@ -23,8 +23,8 @@ from fvcore.nn.jit_handles import get_shape
 from .registry import ABLATIONS, MODELS, model_names
 
 # The products of two activations (the attention matrix q k^T and its product with v), which the FAT paper's FLOPs
-# leave out; every weight of these models is applied by a conv or a linear op.
-ATTENTION_PRODUCT_OPS = ('aten::scaled_dot_product_attention', 'aten::matmul', 'aten::bmm')
+# leave out; every weight of these models is applied by a conv or a linear op. Named as fvcore's by_operator names them.
+ATTENTION_PRODUCT_OPS = ('scaled_dot_product_attention', 'matmul', 'bmm')
 
 
 def _sdpa_flops(inputs, outputs) -> int:
@@ -34,21 +34,22 @@ def _sdpa_flops(inputs, outputs) -> int:
     return math.prod(batch) * queries * k_shape[-2] * (head_dim + v_shape[-1])
 
 
-def _no_flops(inputs, outputs) -> int:
-    return 0
+def flop_counts(model: torch.nn.Module, img_size: int = 224) -> Dict[str, int]:
+    """From one trace: fvcore's count (``'total'``) and the paper's, without the attention matrix products
+    (``'paper'``)."""
+    analysis = FlopCountAnalysis(model.eval(), torch.zeros(1, 3, img_size, img_size))
+    analysis.set_op_handle('aten::scaled_dot_product_attention', _sdpa_flops)
+    analysis.unsupported_ops_warnings(False)
+    analysis.uncalled_modules_warnings(False)
+    with torch.no_grad():
+        total = analysis.total()
+    by_operator = analysis.by_operator()
+    return dict(total=total, paper=total - sum(by_operator.get(op, 0) for op in ATTENTION_PRODUCT_OPS))
 
 
 def count_flops(model: torch.nn.Module, img_size: int = 224, attention_products: bool = True) -> int:
     """fvcore's count; ``attention_products=False`` leaves out the attention matrix products (the paper's count)."""
-    analysis = FlopCountAnalysis(model.eval(), torch.zeros(1, 3, img_size, img_size))
-    if attention_products:
-        analysis.set_op_handle('aten::scaled_dot_product_attention', _sdpa_flops)
-    else:  # a handle of None would not replace fvcore's own matmul handle
-        analysis.set_op_handle(**{op: _no_flops for op in ATTENTION_PRODUCT_OPS})
-    analysis.unsupported_ops_warnings(False)
-    analysis.uncalled_modules_warnings(False)
-    with torch.no_grad():
-        return analysis.total()
+    return flop_counts(model, img_size)['total' if attention_products else 'paper']
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -68,9 +69,9 @@ def measure_ablations(img_size: int = 224) -> List[Dict]:
     measured = {}
     for name in dict.fromkeys(row.model for row in ABLATIONS):
         model = timm.create_model(name)
-        measured[name] = dict(params_m=count_params(model) / 1e6,
-                              paper_gflops=count_flops(model, img_size, attention_products=False) / 1e9,
-                              gflops=count_flops(model, img_size) / 1e9)
+        flops = flop_counts(model, img_size)
+        measured[name] = dict(params_m=count_params(model) / 1e6, paper_gflops=flops['paper'] / 1e9,
+                              gflops=flops['total'] / 1e9)
     rows = [dict(row._asdict(), **{f'our_{key}': value for key, value in measured[row.model].items()})
             for row in ABLATIONS]
     fat_b0 = {row['group']: row for row in rows if row['model'] == 'fat_b0'}

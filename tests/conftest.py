@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,34 @@ def run_ok(command, timeout=600) -> subprocess.CompletedProcess:
     return result
 
 
+
+def assert_reported_accuracy_matches(stdout: str, model: torch.nn.Module, val) -> None:
+    """The trainer's ``--eval`` report on the 12 images of ``val`` equals top-1 and top-5 of the model's own
+    predictions, image by image."""
+    reported = re.search(r'on 12 images: acc@1 ([\d.]+) %  acc@5 ([\d.]+) %', stdout)
+    assert reported
+    images = torch.stack([val[i][0] for i in range(len(val))])
+    targets = torch.tensor([val[i][1] for i in range(len(val))])
+    with torch.no_grad():
+        top5 = model.eval()(images).topk(5).indices
+    assert float(reported.group(1)) == pytest.approx(100 * (top5[:, 0] == targets).float().mean().item(), abs=0.01)
+    assert float(reported.group(2)) == pytest.approx(100 * (top5 == targets[:, None]).any(1).float().mean().item(),
+                                                     abs=0.01)
+
+
+def assert_channels_last_autocast_trains(name: str, dtype: torch.dtype) -> None:
+    """A registered model runs forward in ``dtype`` under CPU autocast on channels-last input, with finite
+    gradients for every parameter."""
+    import timm
+
+    model = timm.create_model(name).train().to(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)
+    with torch.autocast('cpu', dtype=dtype):
+        logits = model(images)
+    assert logits.dtype == dtype
+    logits.float().logsumexp(1).mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
 @pytest.fixture(scope='session')
 def classification_trainer_checkpoint(tmp_path_factory) -> Path:
     """A checkpoint written by ``python -m classification.train``: FAT-B0, one epoch on a tiny dataset."""
@@ -94,6 +123,11 @@ def lvt_classification_checkpoint(tmp_path_factory) -> Path:
 
 # ---- OpenMMLab entry points (detection and segmentation tests) ---------------------------------------------------
 
+
+def fat_configs(task: str) -> list:
+    """The FAT configs of ``configs/<task>/`` and its ablation folder (those for LVT have their own protocol)."""
+    return sorted(path for path in (REPO_ROOT / 'configs' / task).rglob('*.py')
+                  if '_base_' not in path.parts and '_fat-' in path.name)
 
 def run_entry_point(module: str, *args) -> str:
     """Run ``python -m module args`` from the repository's root; its output, after checking it succeeded."""

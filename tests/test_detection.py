@@ -11,14 +11,12 @@ from mmengine.config import Config
 from mmdet.registry import MODELS
 from mmdet.testing import demo_mm_inputs
 
-from conftest import REPO_ROOT, build_and_check_model, cli_exit, read_json_lines, run_entry_point
+from conftest import REPO_ROOT, build_and_check_model, cli_exit, fat_configs, read_json_lines, run_entry_point
 from openmmlab import cli
 
 pytestmark = pytest.mark.slow  # training and evaluation pipelines of OpenMMLab
 
-# the FAT configs (those for LVT have their own protocol)
-DETECTION_CONFIGS = sorted(path for path in (REPO_ROOT / 'configs' / 'detection').rglob('*.py')
-                           if '_base_' not in path.parts and '_fat-' in path.name)
+DETECTION_CONFIGS = fat_configs('detection')
 IMAGE_SIZE = (128, 96)
 CATEGORIES = [{'id': 1, 'name': 'disc'}, {'id': 2, 'name': 'box'}]
 

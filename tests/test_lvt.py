@@ -16,7 +16,8 @@ from classification.data import build_datasets
 from classification.lvt import _swap_box, checkpoint_filter_fn
 from classification.model_table import count_flops, count_params
 from classification.token_labelling import TokenLabelLoss, dense_targets
-from conftest import REPO_ROOT, RunsShellCommand, run_ok, write_image_folder
+from conftest import (REPO_ROOT, RunsShellCommand, assert_channels_last_autocast_trains,
+                      assert_reported_accuracy_matches, run_ok, write_image_folder)
 
 LVT_CONFIG = str(REPO_ROOT / 'configs' / 'classification' / 'lvt_cls.yaml')
 WIDTHS = [64, 64, 160, 256]
@@ -129,13 +130,7 @@ def test_timm_interface():
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_channels_last_autocast_forward_backward(dtype):
-    model = timm.create_model('lvt_cls').train().to(memory_format=torch.channels_last)
-    images = torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)
-    with torch.autocast('cpu', dtype=dtype):
-        logits = model(images)
-    assert logits.dtype == dtype
-    logits.float().logsumexp(1).mean().backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert_channels_last_autocast_trains('lvt_cls', dtype)
 
 
 @pytest.mark.slow
@@ -254,15 +249,7 @@ def test_eval_of_authors_checkpoint(tmp_path, reference_dir):
     result = run_ok([sys.executable, '-m', 'classification.train', '--cfg', LVT_CONFIG, '--data-path', str(data),
                      '--output', str(tmp_path / 'eval'), '--eval', '--resume', str(checkpoint), '--opts',
                      'DATA.IMG_SIZE', '64', 'DATA.NUM_WORKERS', '0'])
-    reported = re.search(r'on 12 images: acc@1 ([\d.]+) %  acc@5 ([\d.]+) %', result.stdout)
-    assert reported
 
     model = authors_model(reference_dir, 'lvt_cls').eval()
     _, val = build_datasets(load_config(LVT_CONFIG, ['DATA.IMG_SIZE', '64'], **{'DATA.DATA_PATH': str(data)}))
-    images = torch.stack([val[i][0] for i in range(len(val))])
-    targets = torch.tensor([val[i][1] for i in range(len(val))])
-    with torch.no_grad():
-        top5 = model(images).topk(5).indices
-    assert float(reported.group(1)) == pytest.approx(100 * (top5[:, 0] == targets).float().mean().item(), abs=0.01)
-    assert float(reported.group(2)) == pytest.approx(100 * (top5 == targets[:, None]).any(1).float().mean().item(),
-                                                     abs=0.01)
+    assert_reported_accuracy_matches(result.stdout, model, val)

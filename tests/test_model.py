@@ -9,6 +9,7 @@ from timm.optim import create_optimizer_v2
 from classification.fat import checkpoint_filter_fn
 from classification.model_table import count_flops, count_params
 from classification.registry import MODELS, model_names
+from conftest import assert_channels_last_autocast_trains
 
 VARIANTS = model_names('fat')
 
@@ -155,13 +156,7 @@ def test_no_weight_decay_on_norms_and_biases():
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_channels_last_autocast_forward_backward(dtype):
-    model = timm.create_model('fat_b0').train().to(memory_format=torch.channels_last)
-    images = torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)
-    with torch.autocast('cpu', dtype=dtype):
-        logits = model(images)
-    assert logits.dtype == dtype
-    logits.float().logsumexp(1).mean().backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert_channels_last_autocast_trains('fat_b0', dtype)
 
 
 @pytest.mark.slow

@@ -11,14 +11,12 @@ from mmengine.structures import PixelData
 from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
 
-from conftest import REPO_ROOT, build_and_check_model, cli_exit, read_json_lines, run_entry_point
+from conftest import REPO_ROOT, build_and_check_model, cli_exit, fat_configs, read_json_lines, run_entry_point
 from openmmlab import cli
 
 pytestmark = pytest.mark.slow  # training and evaluation pipelines of OpenMMLab
 
-# the FAT configs (those for LVT have their own protocol)
-SEGMENTATION_CONFIGS = sorted(path for path in (REPO_ROOT / 'configs' / 'segmentation').rglob('*.py')
-                              if '_base_' not in path.parts and '_fat-' in path.name)
+SEGMENTATION_CONFIGS = fat_configs('segmentation')
 CONFIG = REPO_ROOT / 'configs' / 'segmentation' / 'fpn_fat-b0_4xb4-80k_ade20k-512x512.py'
 
 

@@ -21,7 +21,7 @@ from classification.checkpoint_io import load_checkpoint_file
 from classification.config import get_defaults, load_config
 from classification.data import DeviceNormalize, build_datasets, build_transform
 from classification.train import Distributed, Trainer, build_model, build_scheduler, main, scaled_learning_rates
-from conftest import REPO_ROOT, run_ok, write_image_folder
+from conftest import REPO_ROOT, assert_reported_accuracy_matches, run_ok, write_image_folder
 
 B0_CONFIG = str(REPO_ROOT / 'configs' / 'classification' / 'fat_b0.yaml')
 # a small, fast run of the full recipe (RandAugment, Mixup/CutMix, random erasing, label smoothing, EMA)
@@ -235,19 +235,11 @@ def test_eval_of_authors_checkpoint(tmp_path, reference_dir):
     opts = [*TINY, 'MODEL.NUM_CLASSES', '1000', 'DATA.IMG_SIZE', '64']
     result = run_ok([sys.executable, '-m', 'classification.train', '--cfg', B0_CONFIG, '--data-path', str(data),
                      '--output', str(tmp_path / 'eval'), '--eval', '--resume', str(checkpoint), '--opts', *opts])
-    reported = re.search(r'on 12 images: acc@1 ([\d.]+) %  acc@5 ([\d.]+) %', result.stdout)
-    assert reported
 
     model = timm.create_model('fat_b0', pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(checkpoint), custom_load=True)).eval()
     _, val = build_datasets(load_config(B0_CONFIG, opts, **{'DATA.DATA_PATH': str(data)}))
-    images = torch.stack([val[i][0] for i in range(len(val))])
-    targets = torch.tensor([val[i][1] for i in range(len(val))])
-    with torch.no_grad():
-        top5 = model(images).topk(5).indices
-    assert float(reported.group(1)) == pytest.approx(100 * (top5[:, 0] == targets).float().mean().item(), abs=0.01)
-    assert float(reported.group(2)) == pytest.approx(100 * (top5 == targets[:, None]).any(1).float().mean().item(),
-                                                     abs=0.01)
+    assert_reported_accuracy_matches(result.stdout, model, val)
 
 
 def killed_at_step(command, step: int):
