@@ -12,7 +12,8 @@ never in result:
 * The authors end stages 1-3 with a downsampling block. Here that block opens the next stage as its
   ``downsample``, so every stage output is a pyramid level taken where its resolution has had the most
   processing: stride 4 is the input of the authors' first downsampling block, ..., stride 32 the output
-  of the last stage.
+  of the last stage. ``pyramid='dense'`` takes the features of strides 4-16 where the authors' dense-prediction
+  backbone does, inside those blocks (see ``FAT``).
 
 The interaction of FASA's two branches follows the released code, ``proj(local * sigmoid(g) * g)``, not
 the symmetric two-way gate of the paper's prose (see the README).
@@ -290,10 +291,35 @@ class FATBlock(nn.Module):
                 PointwiseConv(dim, out_dim),
             )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_token_mixer(self, x: torch.Tensor) -> torch.Tensor:
+        """The position encoding and the token mixer's residual: where the dense pyramid takes a stride-2
+        block's feature."""
         x = self.cpe(x)
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path1(self.attn(self.norm1(x)))
+
+    def forward_ffn(self, x: torch.Tensor) -> torch.Tensor:
         return self.shortcut(x) + self.drop_path2(self.ffn(self.norm2(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_ffn(self.forward_token_mixer(x))
+
+
+class DenseTap(nn.Module):
+    """What the dense pyramid needs of a stride-2 block whose output it does not use: the block's position encoding
+    and token mixer, under their names in the block (``prune_intermediate_layers`` keeps this much of the block that
+    follows the last requested level). Its FFN half is the identity."""
+
+    def __init__(self, block: FATBlock):
+        super().__init__()
+        self.cpe, self.norm1, self.attn, self.drop_path1 = block.cpe, block.norm1, block.attn, block.drop_path1
+
+    forward_token_mixer = FATBlock.forward_token_mixer
+
+    def forward_ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_token_mixer(x)
 
 
 class FATStage(nn.Module):
@@ -303,11 +329,18 @@ class FATStage(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
+    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.blocks, x)
         return self.blocks(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_blocks(self.downsample(x))
+
+
+# Where FAT's pyramid features are taken (``FAT(pyramid=...)``): each stage's output, or the authors' dense-prediction
+# backbone's taps, inside the stride-2 block that follows each of the first three stages.
+PYRAMIDS = ('stages', 'dense')
 
 
 class FAT(nn.Module):
@@ -328,6 +361,15 @@ class FAT(nn.Module):
         drop_path_rate: stochastic depth, linear in block order up to this value.
         interaction, kv_downsample, cpe, token_mixer: the paper's ablation options (see ``FATBlock``); the
             defaults are the paper's model.
+        pyramid: where ``forward_intermediates`` (and ``features_only``) take the features of strides 4, 8 and 16
+            (one of ``PYRAMIDS``; the stride-32 feature is the last stage's output in both):
+
+            * ``'stages'``: each stage's output, i.e. the input of the stride-2 block that follows it;
+            * ``'dense'``: the authors' dense-prediction backbone (their segmentation code), which ends each of the
+              first three stages with that stride-2 block and takes its tensor after the position encoding and
+              the token mixer's residual, before the ConvFFN and the stride-2 shortcut.
+
+            Either way the weights, ``forward`` and ``forward_features`` are the same.
     """
 
     def __init__(
@@ -348,8 +390,11 @@ class FAT(nn.Module):
             kv_downsample: str = 'refined',
             cpe: bool = True,
             token_mixer: str = 'fasa',
+            pyramid: str = 'stages',
     ):
         super().__init__()
+        if pyramid not in PYRAMIDS:
+            raise ValueError(f"pyramid must be one of {', '.join(PYRAMIDS)}, got {pyramid!r}")
         num_stages = len(embed_dims)
         if not all(len(arg) == num_stages for arg in (depths, num_heads, kernel_sizes, window_sizes)):
             raise ValueError('embed_dims, depths, num_heads, kernel_sizes and window_sizes need one entry per stage')
@@ -358,6 +403,7 @@ class FAT(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.depths = tuple(depths)
+        self.pyramid = pyramid
         self.global_pool = global_pool
         self.drop_rate = drop_rate
         self.stem = Stem(in_chans, embed_dims[0])
@@ -378,7 +424,8 @@ class FAT(nn.Module):
             downsample = block(i - 1, depths[i - 1] - 1, out_dim=embed_dims[i], stride=2) if i > 0 else None
             num_blocks = depths[i] - 1 if i < num_stages - 1 else depths[i]
             stages.append(FATStage(downsample, [block(i, j) for j in range(num_blocks)]))
-            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
+            tap = f'stages.{i + 1}.downsample' if pyramid == 'dense' and i < num_stages - 1 else f'stages.{i}'
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=tap))
         self.stages = nn.Sequential(*stages)
 
         self.num_features = self.head_hidden_size = embed_dims[-1]
@@ -422,13 +469,13 @@ class FAT(nn.Module):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Forward that also returns the pyramid features (strides 4, 8, 16, 32).
+        """Forward that also returns the pyramid features (strides 4, 8, 16, 32), taken where ``pyramid`` says.
 
         Args:
             x: input images.
-            indices: the last n stages if an int, all if None, else the stage indices to return.
+            indices: the last n levels if an int, all if None, else the level indices to return.
             norm: apply ``norm_pre`` to the last stage's feature.
-            stop_early: stop after the last requested stage.
+            stop_early: stop after the last requested level.
             output_fmt: only 'NCHW'.
             intermediates_only: return only the features.
         """
@@ -436,13 +483,24 @@ class FAT(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last_index = len(self.stages) - 1
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        dense = self.pyramid == 'dense'
+        # a dense level below the last ends inside the next stage's stride-2 block
+        num_stages = max_index + 1 + int(dense and max_index < last_index)
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:num_stages]
 
         intermediates = []
         x = self.stem(x)
         for index, stage in enumerate(stages):
-            x = stage(x)
-            if index in take_indices:
+            if dense and index > 0:
+                x = stage.downsample.forward_token_mixer(x)
+                if index - 1 in take_indices:
+                    intermediates.append(x)
+                if stop_early and index - 1 == max_index:
+                    break
+                x = stage.forward_blocks(stage.downsample.forward_ffn(x))
+            else:
+                x = stage(x)
+            if index in take_indices and (not dense or index == last_index):
                 intermediates.append(self.norm_pre(x) if norm and index == last_index else x)
         if intermediates_only:
             return intermediates
@@ -458,7 +516,14 @@ class FAT(nn.Module):
     ) -> List[int]:
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         prune_end = max_index < len(self.stages) - 1
-        self.stages = self.stages[:max_index + 1]
+        if self.pyramid == 'dense' and prune_end:
+            # the last requested level is taken inside the next stage's stride-2 block: keep that much of it
+            tap_stage = self.stages[max_index + 1]
+            tap_stage.downsample = DenseTap(tap_stage.downsample)
+            tap_stage.blocks = nn.Sequential()
+            self.stages = self.stages[:max_index + 2]
+        else:
+            self.stages = self.stages[:max_index + 1]
         if prune_norm or prune_end:
             self.norm_pre = nn.Identity()
         if prune_end:
@@ -558,10 +623,15 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: FAT) -> Dic
 
 
 def _create_fat(variant: str, pretrained: bool = False, **kwargs) -> FAT:
+    if kwargs.get('pyramid', 'stages') == 'stages':
+        feature_cfg = dict(out_indices=(0, 1, 2, 3), flatten_sequential=True)
+    else:
+        # the dense taps lie inside blocks: features_only goes through forward_intermediates
+        feature_cfg = dict(out_indices=(0, 1, 2, 3), feature_cls='getter')
     return build_model_with_cfg(
         FAT, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+        feature_cfg=feature_cfg,
         **kwargs,
     )
 

@@ -2,11 +2,16 @@
 
 One wrapper serves MMDetection and MMSegmentation (``detection`` and ``segmentation`` register it in their model
 registries) and every model family of this repository. It wraps the classification model itself (no second
-implementation) and reads ImageNet checkpoints through ``classification.checkpoint_io``: this project's trainer
-checkpoints, plain state dicts and the authors' checkpoints, never unpickling anything but tensors and plain data.
+implementation) and reads checkpoints through ``classification.checkpoint_io``: this project's trainer
+checkpoints, plain state dicts, the authors' checkpoints and the backbones of detectors and segmentors, never
+unpickling anything but tensors and plain data.
+
+FAT's backbone is, by default, the authors' dense-prediction backbone (their segmentation code): the pyramid taken
+inside the stride-2 blocks (``FAT(pyramid='dense')``) and a GroupNorm(1, C) on each returned feature.
 """
 import copy
-from typing import Dict, Optional, Sequence, Tuple, Union
+import re
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -16,10 +21,12 @@ from mmengine.model import BaseModule
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from classification.checkpoint_io import CheckpointError, load_weights
-from classification.fat import FAT
+from classification.checkpoint_io import CheckpointError, load_weights, unwrap_state_dict
+from classification.fat import FAT, PYRAMIDS
 from classification.lvt import LVT
 from classification.registry import model_names
+
+from .checkpoints import dense_prediction_backbone, load_from_local_restricted
 
 __all__ = ['BACKBONES', 'BackboneConfigError', 'FATBackbone', 'LVTBackbone', 'PretrainedCheckpointError',
            'PyramidBackbone']
@@ -45,14 +52,18 @@ class PyramidBackbone(BaseModule):
         out_indices: stages whose outputs are returned: 0, 1, 2, 3 are strides 4, 8, 16, 32. Stages after the
             last one are dropped, as are the classifier and the final norm.
         frozen_stages: -1 trains everything; 0 freezes the stem (if the model has one); n >= 1 also stages
-            0 ... n-1 (parameters fixed, in eval mode).
+            0 ... n-1 (parameters fixed, in eval mode); for FAT's dense pyramid these are the authors' stages, each
+            ending with the stride-2 block that follows it.
         norm_eval: keep every BatchNorm in eval mode while training, i.e. its running statistics fixed.
         drop_path_rate: stochastic depth, linear in block order up to this rate; None keeps the registered
             model's rate (0 for a layout given as a dict).
-        norm_cfg: a norm layer (MMCV config, e.g. ``dict(type='GN', num_groups=1)``) added on each returned
-            feature, freshly initialised; None adds none.
-        init_cfg: None (random initialisation) or ``dict(type='Pretrained', checkpoint=PATH)``, an ImageNet
-            checkpoint of the same model in any format ``classification`` reads.
+        norm_cfg: a norm layer (MMCV config, e.g. ``dict(type='GN', num_groups=1)``) on each returned feature:
+            ``norm{i}`` for level i, as in OpenMMLab's own backbones; None adds none.
+        init_cfg: None (random initialisation) or ``dict(type='Pretrained', checkpoint=PATH)``: a checkpoint of
+            the same model in any format ``classification`` reads (an ImageNet checkpoint, whose lack of output norms
+            leaves them freshly initialised), or a detector's or segmentor's checkpoint (MMEngine's or MMCV 1.x's),
+            whose backbone weights, output norms included, are taken.
+        model_kwargs: further arguments of the model (a subclass's options, such as FAT's ``pyramid``).
     """
     family: str
     model_class: type
@@ -66,6 +77,7 @@ class PyramidBackbone(BaseModule):
             drop_path_rate: Optional[float] = None,
             norm_cfg: Optional[Dict] = None,
             init_cfg: Optional[Dict] = None,
+            model_kwargs: Optional[Dict] = None,
     ):
         kind = type(self).__name__
         if init_cfg is not None and (not isinstance(init_cfg, dict) or init_cfg.get('type') != 'Pretrained'
@@ -74,7 +86,7 @@ class PyramidBackbone(BaseModule):
                                       f'got {init_cfg}')
         super().__init__(init_cfg=init_cfg)
         self.arch = copy.deepcopy(arch)
-        self.model = self._create_model(arch, drop_path_rate)
+        self.model = self._create_model(arch, drop_path_rate, model_kwargs or {})
 
         num_stages = len(self.model.stages)
         out_indices = tuple(out_indices)
@@ -92,12 +104,13 @@ class PyramidBackbone(BaseModule):
         self.model.prune_intermediate_layers(list(out_indices), prune_norm=True, prune_head=True)
         # the pretrained checkpoint's weights of what was pruned are skipped; every other weight must fit
         self._pruned_keys = full_keys - set(self.model.state_dict())
-        self.out_norms = None if norm_cfg is None else nn.ModuleList(
-            build_norm_layer(norm_cfg, channels)[1] for channels in self.out_channels)
+        self.norm_names = [] if norm_cfg is None else [f'norm{i}' for i in out_indices]
+        for name, channels in zip(self.norm_names, self.out_channels):
+            self.add_module(name, build_norm_layer(norm_cfg, channels)[1])
         self._freeze_stages()
 
-    def _create_model(self, arch: Union[str, Dict], drop_path_rate: Optional[float]) -> nn.Module:
-        kwargs = dict(num_classes=0)
+    def _create_model(self, arch: Union[str, Dict], drop_path_rate: Optional[float], model_kwargs: Dict) -> nn.Module:
+        kwargs = dict(num_classes=0, **model_kwargs)
         if drop_path_rate is not None:
             kwargs['drop_path_rate'] = drop_path_rate
         if isinstance(arch, str):
@@ -109,11 +122,14 @@ class PyramidBackbone(BaseModule):
             return timm.create_model(arch, **kwargs)
         return self.model_class(**dict(arch), **kwargs)
 
+    def _frozen_modules(self) -> List[nn.Module]:
+        stem = [self.model.stem] if hasattr(self.model, 'stem') else []
+        return stem + list(self.model.stages[:self.frozen_stages])
+
     def _freeze_stages(self):
         if self.frozen_stages < 0:
             return
-        stem = [self.model.stem] if hasattr(self.model, 'stem') else []
-        for module in stem + list(self.model.stages[:self.frozen_stages]):
+        for module in self._frozen_modules():
             module.eval()
             for param in module.parameters():
                 param.requires_grad = False
@@ -135,32 +151,124 @@ class PyramidBackbone(BaseModule):
             return
         path = self.init_cfg['checkpoint']
         try:
-            load_weights(self.model, path, head='drop', ignore_keys=self._pruned_keys)
+            model_weights, norm_weights = self._split_checkpoint(load_from_local_restricted(path))
+            load_weights(self.model, model_weights, head='drop', ignore_keys=self._pruned_keys)
+            self._load_norms(norm_weights)
         except CheckpointError as error:
             raise PretrainedCheckpointError(
                 f'pretrained checkpoint {path} does not fit the {type(self).__name__} {self.arch}: {error}') from None
         logger.info(f'{type(self).__name__} {self.arch}: loaded pretrained weights from {path} (without the '
                     'classifier, the final norm and any stage after out_indices, which the backbone drops)')
+        fresh = [name for name in self.norm_names if not any(k.startswith(name + '.') for k in norm_weights)]
+        if fresh:
+            logger.info(f'{type(self).__name__} {self.arch}: the output norms {", ".join(fresh)} start freshly '
+                        f'initialised: {path} has no weights for them (an ImageNet checkpoint has none)')
+        unused = sorted({k.split('.')[0] for k in norm_weights} - set(self.norm_names))
+        if unused:
+            logger.warning(f'{type(self).__name__} {self.arch}: {path} holds output norms {", ".join(unused)}, which '
+                           f'this backbone does not have (norm_cfg, out_indices): they are not used')
         self._is_init = True
+
+    def _split_checkpoint(self, checkpoint: Any) -> Tuple[Any, Dict[str, torch.Tensor]]:
+        """The model's weights and the output norms' (``norm{i}.*``) of a checkpoint. A classification checkpoint is
+        returned whole as the model's, for the loader to pick its weights."""
+        state_dict = dense_prediction_backbone(checkpoint)
+        if state_dict is None:
+            state_dict = unwrap_state_dict(checkpoint)
+            if not any(_WRAPPER_KEY.match(k) for k in state_dict):
+                return checkpoint, {}
+        state_dict = self._rename_own_layout(state_dict)
+        norm_weights = {k: v for k, v in state_dict.items() if _OUTPUT_NORM_KEY.match(k)}
+        return {k: v for k, v in state_dict.items() if k not in norm_weights}, norm_weights
+
+    def _load_norms(self, norm_weights: Mapping[str, torch.Tensor]):
+        for name in self.norm_names:
+            weights = {k[len(name) + 1:]: v for k, v in norm_weights.items() if k.startswith(name + '.')}
+            if weights:
+                try:
+                    getattr(self, name).load_state_dict(weights)
+                except RuntimeError as error:
+                    raise CheckpointError(f'output norm {name}: {error}') from None
+
+    def _rename_own_layout(self, state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The keys of this wrapper's state dict (``model.*``, ``norm{i}.*``, or a former layout) as those of its
+        model and its output norms; other keys (the authors' layouts) pass unchanged."""
+        renamed = {self._present_key(key): value for key, value in state_dict.items()}
+        return {k[len('model.'):] if k.startswith('model.') else k: v for k, v in renamed.items()}
+
+    def _present_key(self, key: str) -> str:
+        """A key of this wrapper's state dict as it was saved by former versions, as it is now."""
+        for former, present in self._former_prefixes():
+            if key.startswith(former):
+                return present + key[len(former):]
+        return key
+
+    def _former_prefixes(self) -> List[Tuple[str, str]]:
+        # the norm of the j-th returned feature was ``out_norms.j``
+        return [(f'out_norms.{position}.', f'{name}.') for position, name in enumerate(self.norm_names)]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            present = prefix + self._present_key(key[len(prefix):])
+            if present != key:
+                state_dict[present] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         features = self.model.forward_intermediates(x, indices=list(self.out_indices), intermediates_only=True)
-        if self.out_norms is not None:
-            features = [norm(feature) for norm, feature in zip(self.out_norms, features)]
+        if self.norm_names:
+            features = [getattr(self, name)(feature) for name, feature in zip(self.norm_names, features)]
         return tuple(features)
 
 
+# the output norms' keys of this wrapper and of the FAT authors' segmentation backbone
+_OUTPUT_NORM_KEY = re.compile(r'^norm\d+\.')
+# the keys of a state dict of this wrapper, or of the FAT authors' segmentation backbone, that no model has
+_WRAPPER_KEY = re.compile(r'^(model|norm\d+|out_norms|fat)\.')
+
+
 class FATBackbone(PyramidBackbone):
-    """FAT's pyramid (see ``PyramidBackbone``); ``arch`` a FAT model or a dict of ``FAT`` arguments."""
+    """FAT's pyramid (see ``PyramidBackbone``); ``arch`` a FAT model or a dict of ``FAT`` arguments.
+
+    By default it is the authors' dense-prediction backbone: ``pyramid='dense'`` (``FAT``'s taps of their
+    segmentation code) and a GroupNorm(1, C) on each feature. Their segmentation backbone's weights (``patch_embed.*``,
+    ``layers.*``, ``norm0.*`` ...), plain or inside their MMSegmentation 0.x segmentor's checkpoint, load as
+    ``init_cfg``; so do ImageNet checkpoints, leaving the output norms freshly initialised.
+    """
     family = 'fat'
     model_class = FAT
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def __init__(
+            self,
+            arch: Union[str, Dict],
+            out_indices: Sequence[int] = (0, 1, 2, 3),
+            frozen_stages: int = -1,
+            norm_eval: bool = False,
+            drop_path_rate: Optional[float] = None,
+            pyramid: str = 'dense',
+            norm_cfg: Optional[Dict] = dict(type='GN', num_groups=1),
+            init_cfg: Optional[Dict] = None,
+    ):
+        if pyramid not in PYRAMIDS:
+            raise BackboneConfigError(f"FATBackbone: pyramid must be one of {', '.join(PYRAMIDS)}, got {pyramid!r}")
+        super().__init__(arch, out_indices, frozen_stages, norm_eval, drop_path_rate, norm_cfg, init_cfg,
+                         model_kwargs=dict(pyramid=pyramid))
+
+    def _frozen_modules(self) -> List[nn.Module]:
+        if self.model.pyramid != 'dense':
+            return super()._frozen_modules()
+        # the authors' stage i: our stage i's blocks and the stride-2 block that opens our stage i + 1
+        stages = self.model.stages
+        modules = [self.model.stem]
+        for i in range(min(self.frozen_stages, len(stages))):
+            modules.append(stages[i].blocks)
+            if i + 1 < len(stages):
+                modules.append(stages[i + 1].downsample)
+        return modules
+
+    def _former_prefixes(self) -> List[Tuple[str, str]]:
         # detectors and segmentors saved before the wrapper served other models held it as ``backbone.fat``
-        legacy = prefix + 'fat.'
-        for key in [k for k in state_dict if k.startswith(legacy)]:
-            state_dict[prefix + 'model.' + key[len(legacy):]] = state_dict.pop(key)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        return super()._former_prefixes() + [('fat.', 'model.')]
 
 
 class LVTBackbone(PyramidBackbone):

@@ -9,9 +9,11 @@ statistic methods (pickled as ``getattr(HistoryBuffer, 'mean')``).
 objects beyond tensors and plain data: ``HistoryBuffer``, numpy arrays and scalars of numeric dtypes (not object
 arrays), and a ``getattr`` that resolves nothing but the four statistic methods of ``HistoryBuffer``. Every other
 global, ``builtins.getattr`` on anything else included, is refused before anything in the file runs.
+
+``dense_prediction_backbone`` takes the backbone's weights out of a detector's or segmentor's checkpoint.
 """
 import os.path as osp
-from typing import Any
+from typing import Any, Dict, Optional
 
 import numpy as np
 from mmengine.logging import HistoryBuffer
@@ -19,7 +21,8 @@ from mmengine.runner import CheckpointLoader
 
 from classification.checkpoint_io import UnsafeCheckpointError, load_checkpoint_file
 
-__all__ = ['RUNNER_CHECKPOINT_GLOBALS', 'load_from_local_restricted', 'use_restricted_loading']
+__all__ = ['RUNNER_CHECKPOINT_GLOBALS', 'dense_prediction_backbone', 'load_from_local_restricted',
+           'use_restricted_loading']
 
 _HISTORY_BUFFER_STATISTICS = ('min', 'max', 'current', 'mean')
 
@@ -70,3 +73,21 @@ def load_from_local_restricted(filename: str, map_location: Any = None) -> Any:
 def use_restricted_loading():
     """Make MMEngine read every local checkpoint with ``load_from_local_restricted``."""
     CheckpointLoader.register_scheme(prefixes='', loader=load_from_local_restricted, force=True)
+
+
+# the modules beside the backbone in MMDetection's and MMSegmentation's models (0.x / 2.x and 1.x / 3.x alike)
+_DENSE_PREDICTION_MODULES = ('neck.', 'decode_head.', 'auxiliary_head.', 'rpn_head.', 'roi_head.', 'bbox_head.',
+                             'mask_head.', 'semantic_head.', 'panoptic_head.', 'panoptic_fusion_head.')
+
+
+def dense_prediction_backbone(checkpoint: Any) -> Optional[Dict[str, Any]]:
+    """The backbone's weights, without their ``backbone.`` prefix, if ``checkpoint`` is a detector's or segmentor's
+    (MMEngine's, or MMCV 1.x's: a ``state_dict`` whose ``backbone.*`` keys lie beside a neck's or head's); None
+    for any other checkpoint, such as a classifier whose own modules are named ``backbone`` (LVT's)."""
+    state_dict = checkpoint.get('state_dict') if isinstance(checkpoint, dict) else None
+    if not isinstance(state_dict, dict):
+        return None
+    keys = {key[len('module.'):] if key.startswith('module.') else key: key for key in state_dict}
+    if not any(key.startswith(_DENSE_PREDICTION_MODULES) for key in keys):
+        return None
+    return {key[len('backbone.'):]: state_dict[saved] for key, saved in keys.items() if key.startswith('backbone.')}

@@ -31,8 +31,8 @@ def _features(model, images):
         return model.eval()(images)
 
 
-def test_backbone_is_the_classification_pyramid(classification_trainer_checkpoint):
-    backbone = FATBackbone('fat_b0',
+def test_stage_backbone_is_the_classification_pyramid(classification_trainer_checkpoint):
+    backbone = FATBackbone('fat_b0', pyramid='stages', norm_cfg=None,
                            init_cfg=dict(type='Pretrained', checkpoint=str(classification_trainer_checkpoint)))
     backbone.init_weights()
     reference = timm.create_model('fat_b0', features_only=True, pretrained=True,
@@ -46,14 +46,15 @@ def test_backbone_is_the_classification_pyramid(classification_trainer_checkpoin
 
 
 def test_backbone_loads_the_authors_checkpoint(reference_dir):
+    """Their ImageNet checkpoint, into the default backbone (the dense pyramid, with fresh output norms)."""
     path = reference_dir / 'fat_b0_official_format.pth'
     backbone = FATBackbone('fat_b0', init_cfg=dict(type='Pretrained', checkpoint=str(path)))
     backbone.init_weights()
-    reference = timm.create_model('fat_b0', features_only=True, pretrained=True,
+    reference = timm.create_model('fat_b0', pyramid='dense', features_only=True, pretrained=True,
                                   pretrained_cfg_overlay=dict(file=str(path), custom_load=True))
     images = torch.randn(1, 3, 64, 64)
     for feature, expected in zip(_features(backbone, images), _features(reference, images)):
-        torch.testing.assert_close(feature, expected, rtol=0, atol=0)
+        torch.testing.assert_close(feature, torch.nn.functional.group_norm(expected, 1), rtol=1e-5, atol=1e-5)
     with pytest.raises(PretrainedCheckpointError, match='fat_b1.*another variant'):
         FATBackbone('fat_b1', init_cfg=dict(type='Pretrained', checkpoint=str(path))).init_weights()
 
@@ -74,13 +75,14 @@ def test_backbone_refuses_checkpoints_it_cannot_use(classification_trainer_check
 
 def test_backbone_options(classification_trainer_checkpoint):
     backbone = FATBackbone('fat_b0', out_indices=(1, 2), frozen_stages=2, norm_eval=True, drop_path_rate=0.3,
-                           norm_cfg=dict(type='GN', num_groups=1),
+                           pyramid='stages', norm_cfg=dict(type='BN'),
                            init_cfg=dict(type='Pretrained', checkpoint=str(classification_trainer_checkpoint)))
     backbone.init_weights()  # a whole model's checkpoint fits the pruned one
     assert len(backbone.model.stages) == 3 and backbone.out_channels == [80, 160]
     features = backbone.train()(torch.randn(2, 3, 64, 96))
     assert [f.shape[1:] for f in features] == [(80, 8, 12), (160, 4, 6)]
-    assert all(isinstance(norm, torch.nn.GroupNorm) for norm in backbone.out_norms)
+    assert backbone.norm_names == ['norm1', 'norm2'] and not hasattr(backbone, 'norm0')
+    assert all(isinstance(getattr(backbone, name), torch.nn.BatchNorm2d) for name in backbone.norm_names)
 
     frozen = [backbone.model.stem, backbone.model.stages[0], backbone.model.stages[1]]
     assert not any(p.requires_grad for module in frozen for p in module.parameters())
@@ -98,6 +100,7 @@ def test_backbone_options(classification_trainer_checkpoint):
     (dict(out_indices=(2, 1)), 'out_indices must be increasing'),
     (dict(out_indices=(0, 4)), 'out_indices must be increasing'),
     (dict(frozen_stages=5), 'frozen_stages must be in -1..4'),
+    (dict(pyramid='stage'), "pyramid must be one of stages, dense, got 'stage'"),
     (dict(init_cfg=dict(type='Normal')), "init_cfg must be None or dict\\(type='Pretrained'"),
 ])
 def test_backbone_names_bad_arguments(arguments, message):
@@ -149,15 +152,19 @@ def test_backbone_loads_strictly_into_the_pruned_model(tmp_path):
                     init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'extra.pth'))).init_weights()
 
 
-def test_detector_checkpoints_of_the_former_layout_load():
-    """Detectors and segmentors saved before the wrapper served other models held it as ``backbone.fat``."""
-    backbone = FATBackbone(TINY_LAYOUT)
+def test_detector_checkpoints_of_the_former_layouts_load():
+    """Detectors and segmentors saved before the wrapper served other models held it as ``backbone.fat``, and the
+    norms of its returned features as ``backbone.out_norms.j``."""
+    backbone = FATBackbone(TINY_LAYOUT, out_indices=(1, 3), pyramid='stages')
     legacy = {f'backbone.fat.{key}': value + 1 for key, value in backbone.model.state_dict().items()}
+    legacy.update({f'backbone.out_norms.{position}.{key}': value + 1 for position, name in enumerate(['norm1', 'norm3'])
+                   for key, value in getattr(backbone, name).state_dict().items()})
     holder = torch.nn.Module()
     holder.backbone = backbone
     load_state_dict(holder, legacy, strict=True)
     for key, value in backbone.model.state_dict().items():
         torch.testing.assert_close(value, legacy[f'backbone.fat.{key}'], rtol=0, atol=0)
+    torch.testing.assert_close(backbone.norm3.weight, legacy['backbone.out_norms.1.weight'], rtol=0, atol=0)
 
 
 @pytest.mark.slow
@@ -171,7 +178,7 @@ import torch
 from mmengine.config import Config
 from mmseg.registry import MODELS
 import segmentation
-cfg = Config.fromfile('configs/segmentation/fpn_fat-b0_4xb4-80k_ade20k-512x512.py')
+cfg = Config.fromfile('configs/segmentation/fpn_fat-b0_8xb2-80k_ade20k-512x512.py')
 model = MODELS.build(cfg.model).eval()
 with torch.no_grad():
     print(model(torch.randn(1, 3, 64, 64), mode='tensor').shape)

@@ -13,11 +13,13 @@ from mmseg.structures import SegDataSample
 
 from conftest import REPO_ROOT, build_and_check_model, cli_exit, fat_configs, read_json_lines, run_entry_point
 from openmmlab import cli
+from openmmlab.backbone import FATBackbone
+from openmmlab.checkpoints import load_from_local_restricted
 
 pytestmark = pytest.mark.slow  # training and evaluation pipelines of OpenMMLab
 
 SEGMENTATION_CONFIGS = fat_configs('segmentation')
-CONFIG = REPO_ROOT / 'configs' / 'segmentation' / 'fpn_fat-b0_4xb4-80k_ade20k-512x512.py'
+CONFIG = REPO_ROOT / 'configs' / 'segmentation' / 'fpn_fat-b0_8xb2-80k_ade20k-512x512.py'
 
 
 @pytest.fixture(scope='module')
@@ -90,6 +92,19 @@ def test_training_resumes_from_the_runners_checkpoint(trained_segmentor):
     assert (trained_segmentor['work_dir'] / f'iter_{OVERFIT_ITERS}.pth').is_file()
 
 
+def test_backbone_initialises_from_the_runners_checkpoint(trained_segmentor):
+    """A segmentor's checkpoint, as the Runner writes it (with its logging state), gives a backbone its weights,
+    output norms included."""
+    path = trained_segmentor['work_dir'] / f'iter_{OVERFIT_ITERS}.pth'
+    backbone = FATBackbone('fat_b0', init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    backbone.init_weights()
+    saved = load_from_local_restricted(str(path))['state_dict']
+    assert 'message_hub' in load_from_local_restricted(str(path))
+    assert not torch.equal(backbone.norm0.weight, torch.ones_like(backbone.norm0.weight))  # trained, not fresh
+    for key, value in backbone.state_dict().items():
+        torch.testing.assert_close(value, saved[f'backbone.{key}'], rtol=0, atol=0)
+
+
 def test_evaluation_of_the_overfit_segmentor_reaches_a_floor(trained_segmentor, tiny_ade20k, tmp_path):
     """Tested on the images it was trained on, a working pipeline scores well above a segmentor that learned
     nothing (or whose evaluation is broken)."""
@@ -121,16 +136,27 @@ def assert_finite_loss_on_a_random_image(model):
     assert torch.isfinite(total_loss)
 
 
+# the FAT authors' drop path rates for ADE20K (their segmentation configs FAT_b0.py ... FAT_b3.py)
+AUTHORS_DROP_PATH = {'fat_b0': 0.05, 'fat_b1': 0.0, 'fat_b2': 0.1, 'fat_b3': 0.12}
+
+
 @pytest.mark.parametrize('config', SEGMENTATION_CONFIGS, ids=lambda path: path.stem)
-def test_config_follows_the_protocol_builds_and_computes_finite_losses(config):
+def test_config_follows_the_authors_recipe_builds_and_computes_finite_losses(config):
     cfg = Config.fromfile(config)
     assert cfg.optim_wrapper.optimizer == dict(type='AdamW', lr=1e-4, weight_decay=1e-4)
-    assert cfg.train_cfg.max_iters == 80000 and cfg.train_dataloader.batch_size * 4 == 16
-    assert [(s.type, s.power, s.eta_min, s.end) for s in cfg.param_scheduler] == [('PolyLR', 0.9, 0.0, 80000)]
+    assert cfg.train_cfg.max_iters == 80000 and cfg.train_dataloader.batch_size * 8 == 16
+    assert [(s.type, s.power, s.eta_min, s.end) for s in cfg.param_scheduler] == [('PolyLR', 0.9, 1e-6, 80000)]
     crop = [t.crop_size for t in cfg.train_dataloader.dataset.pipeline if t.type == 'RandomCrop']
     assert crop == [(512, 512)] and cfg.model.data_preprocessor.size == (512, 512)
     assert [t.scale for t in cfg.test_dataloader.dataset.pipeline if t.type == 'Resize'] == [(2048, 512)]
+    assert cfg.model.test_cfg.mode == 'whole' and cfg.model.decode_head.norm_cfg.type == 'SyncBN'
+    assert 'sync_bn' not in cfg  # the backbone's BatchNorms are each GPU's, as in the authors' training
     model = build_and_check_model(cfg, config, MODELS)
+    arch = cfg.model.backbone.arch
+    last_block_drop_path = getattr(model.backbone.model.stages[-1].blocks[-1].drop_path2, 'drop_prob', 0.0)
+    assert last_block_drop_path == pytest.approx(AUTHORS_DROP_PATH.get(arch, AUTHORS_DROP_PATH['fat_b0']))
+    assert model.backbone.model.pyramid == 'dense'
+    assert all(isinstance(getattr(model.backbone, name), torch.nn.GroupNorm) for name in model.backbone.norm_names)
     assert_finite_loss_on_a_random_image(model)
 
 

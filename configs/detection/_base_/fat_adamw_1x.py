@@ -14,7 +14,8 @@ optim_wrapper = dict(
     optimizer=dict(type='AdamW', lr=1e-4, weight_decay=1e-4))
 
 # The backbone settings of every FAT detector, which the detector configs take as model.backbone (override
-# model.backbone.*, not this); each variant config adds its arch and checkpoint. BatchNorm statistics stay
-# those of ImageNet (norm_eval), as in MMDetection's ResNet configs: 2 images per GPU are too few to estimate
-# them.
+# model.backbone.*, not this); each variant config adds its arch and checkpoint. FATBackbone's defaults make it the
+# authors' dense-prediction backbone (their segmentation code's pyramid and a GroupNorm on each feature), the only
+# one they released: their detection backbone is inferred from it. BatchNorm statistics stay those of ImageNet
+# (norm_eval), as in MMDetection's ResNet configs: 2 images per GPU are too few to estimate them.
 fat_backbone = dict(type='FAT', norm_eval=True, init_cfg=dict(type='Pretrained'))

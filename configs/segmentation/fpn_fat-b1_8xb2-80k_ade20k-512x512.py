@@ -3,7 +3,8 @@
 # Parameters: 11.6 M, this segmentor as built.
 # Backbone: FAT-B1 ImageNet weights from pretrained/fat_b1.pth, or from another file with
 #   --cfg-options model.backbone.init_cfg.checkpoint=PATH
-_base_ = './_base_/fpn_fat_4xb4-80k_ade20k-512x512.py'
+# Drop path 0.0: the authors' rate for ADE20K (FAT_b1.py), not the ImageNet one.
+_base_ = './_base_/fpn_fat_8xb2-80k_ade20k-512x512.py'
 model = dict(
-    backbone=dict(arch='fat_b1', init_cfg=dict(checkpoint='pretrained/fat_b1.pth')),
+    backbone=dict(arch='fat_b1', drop_path_rate=0.0, init_cfg=dict(checkpoint='pretrained/fat_b1.pth')),
     neck=dict(in_channels=[48, 96, 192, 384]))

@@ -3,5 +3,5 @@
 # Parameters: 8.3 M, this segmentor as built.
 # Backbone: ImageNet weights from pretrained/fat_b0_conv_down.pth (configs/classification/ablation/),
 #   or from another file with --cfg-options model.backbone.init_cfg.checkpoint=PATH
-_base_ = '../fpn_fat-b0_4xb4-80k_ade20k-512x512.py'
+_base_ = '../fpn_fat-b0_8xb2-80k_ade20k-512x512.py'
 model = dict(backbone=dict(arch='fat_b0_conv_down', init_cfg=dict(checkpoint='pretrained/fat_b0_conv_down.pth')))

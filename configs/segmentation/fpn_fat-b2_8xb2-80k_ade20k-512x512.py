@@ -3,7 +3,10 @@
 # Parameters: 17.2 M, this segmentor as built.
 # Backbone: FAT-B2 ImageNet weights from pretrained/fat_b2.pth, or from another file with
 #   --cfg-options model.backbone.init_cfg.checkpoint=PATH
-_base_ = './_base_/fpn_fat_4xb4-80k_ade20k-512x512.py'
+# Drop path 0.1: the authors' rate for ADE20K (FAT_b2.py), not the ImageNet one.
+# FPN widths: the backbone's. The authors' FAT_b2.py gives [128, 256, 512, 512], which do not match the widths
+#   of their own backbone's outputs.
+_base_ = './_base_/fpn_fat_8xb2-80k_ade20k-512x512.py'
 model = dict(
-    backbone=dict(arch='fat_b2', init_cfg=dict(checkpoint='pretrained/fat_b2.pth')),
+    backbone=dict(arch='fat_b2', drop_path_rate=0.1, init_cfg=dict(checkpoint='pretrained/fat_b2.pth')),
     neck=dict(in_channels=[64, 128, 256, 512]))
