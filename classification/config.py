@@ -5,7 +5,7 @@ Learning rates are given per 512 images and scaled linearly with the global batc
 (per-GPU batch x GPUs x accumulation steps).
 """
 import os
-from typing import Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -96,7 +96,9 @@ _C.TEST.CROP_PCT = 0.875
 
 # 'auto': bf16 on GPUs that support it, else fp16 with a GradScaler; off on the CPU
 _C.AMP = 'auto'
-_C.OUTPUT = 'output'
+# where the run writes (and from where it resumes); '': output/<MODEL.NAME>/<config file name>, so that runs of
+# different models or config files never share a folder
+_C.OUTPUT = ''
 _C.SAVE_FREQ = 1
 _C.PRINT_FREQ = 10
 _C.SEED = 0
@@ -123,7 +125,14 @@ def _merge_file(config: CN, path: str):
     if not os.path.isfile(path):
         raise ConfigError(f'config file not found: {path}')
     with open(path) as f:
-        content = yaml.safe_load(f) or {}
+        try:
+            content = yaml.safe_load(f)
+        except yaml.YAMLError as error:
+            raise ConfigError(f'{path} is not valid YAML: {" ".join(str(error).split())}') from None
+    content = {} if content is None else content
+    if not isinstance(content, dict):
+        raise ConfigError(f'{path}: a config file holds a mapping of keys (MODEL:, TRAIN:, ...), this one a '
+                          f'{type(content).__name__}')
     for base in content.get('BASE', ['']):
         if base:
             _merge_file(config, os.path.join(os.path.dirname(path), base))
@@ -153,9 +162,46 @@ def load_config(cfg_path: Optional[str] = None, opts: Sequence[str] = (), **over
                                 for item in (key, value)])
     except (KeyError, ValueError, AssertionError) as error:
         raise ConfigError(f'--opts: {_describe(error)}') from None
+    if not config.OUTPUT:
+        config_name = os.path.splitext(os.path.basename(cfg_path))[0] if cfg_path else 'default'
+        config.OUTPUT = os.path.join('output', config.MODEL.NAME, config_name)
     _validate(config)
     config.freeze()
     return config
+
+
+# What a resumed run may change without --allow-config-change: where things are and how fast they run, the length
+# of the schedule, and the batch per process (the learning-rate schedule is then rebuilt for the new global batch,
+# with a warning). Anything else (the model, the recipe, the seed) makes it another run.
+RESUMABLE_KEYS = frozenset({
+    'OUTPUT', 'MODEL.RESUME', 'MODEL.PRETRAINED', 'TRAIN.AUTO_RESUME', 'TRAIN.START_EPOCH', 'EVAL_MODE',
+    'THROUGHPUT_MODE',
+    'TRAIN.EPOCHS', 'TRAIN.COOLDOWN_EPOCHS',
+    'DATA.DATASET', 'DATA.DATA_PATH', 'TOKEN_LABEL.DATA', 'DATA.NUM_WORKERS', 'DATA.PIN_MEMORY',
+    'DATA.VAL_BATCH_SIZE', 'DATA.BATCH_SIZE', 'TRAIN.ACCUMULATION_STEPS',
+    'AMP', 'TRAIN.COMPILE', 'TRAIN.CHANNELS_LAST', 'TRAIN.USE_CHECKPOINT', 'DATA.DEVICE_NORMALIZE',
+    'PRINT_FREQ', 'SAVE_FREQ', 'TRAIN.KEEP_CHECKPOINTS',
+})
+
+
+def _flatten(tree: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f'{prefix}{key}.'))
+        else:
+            flat[f'{prefix}{key}'] = value
+    return flat
+
+
+def config_changes(saved: str, config: CN) -> List[Tuple[str, Any, Any]]:
+    """``(key, saved value, current value)`` for every key of the schema whose value ``config`` changes from
+    ``saved`` (a run's config as ``CfgNode.dump()`` wrote it), other than RESUMABLE_KEYS. Keys that only one of
+    them has (a schema of another version) are not compared."""
+    before = _flatten(yaml.safe_load(saved) or {})
+    after = _flatten(yaml.safe_load(config.dump()))
+    return [(key, before[key], after[key]) for key in sorted(before.keys() & after.keys())
+            if key not in RESUMABLE_KEYS and before[key] != after[key]]
 
 
 def _validate(config: CN):

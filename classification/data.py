@@ -1,36 +1,43 @@
 """ImageNet-style data: ImageFolder train/ and val/ splits, timm's transforms, distributed sampling, and the dense
 score maps of token labelling.
 
-A corrupt or unreadable image never stops training: it is logged with its path and skipped. In training
-the next readable image of the split takes its place, so every batch keeps its size (which DDP, SyncBN,
-Mixup and torch.compile rely on); in evaluation it is left out, so accuracy counts real images only.
+A corrupt or unreadable image (or token-label score map) never stops training: it is logged with its path and
+skipped. In training the next readable image of the split takes its place, so every batch keeps its size (which
+DDP, SyncBN, Mixup and torch.compile rely on); in evaluation it is left out, so accuracy counts real images only.
+
+Evaluation needs the validation split alone. In training, each sample's augmentation is seeded from the run's
+seed, the epoch and the sample's index, so that it is the same whatever the loader's workers did before (a resumed
+run repeats an uninterrupted one).
 """
+import contextlib
 import logging
 import os
 import random
 from typing import Any, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
-from torch.utils.data import DataLoader, DistributedSampler, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from yacs.config import CfgNode
 
 _logger = logging.getLogger(__name__)
 
-# what PIL raises for truncated, invalid or unreadable image files
-_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 SCORE_MAP_SUFFIX = '.pt'
 
 
 class DatasetError(ValueError):
     """The dataset folder does not have the expected layout."""
+
+
+class CorruptSampleError(Exception):
+    """A training sample's file (image or score map) that cannot be read: it is skipped like a corrupt image."""
 
 
 class CheckedImageFolder(ImageFolder):
@@ -59,13 +66,18 @@ class CheckedImageFolder(ImageFolder):
         for corrupt in range(len(self.samples)):
             path, target = self.samples[(index + corrupt) % len(self.samples)]
             try:
+                # decoding an arbitrary file fails in many ways besides OSError (EOFError, struct.error, ... from
+                # PIL's format plugins): each means the file is unreadable
                 image = self.loader(path)
-            except _IMAGE_ERRORS as error:
-                _logger.warning('corrupt image skipped: %s (%s)', path, error)
-                if not self.replace_corrupt:
-                    return None
-                continue
-            return (*self.prepare(path, image, target), corrupt)
+            except Exception as error:
+                _logger.warning('corrupt image skipped: %s (%s: %s)', path, type(error).__name__, error)
+            else:
+                try:
+                    return (*self.prepare(path, image, target), corrupt)
+                except CorruptSampleError as error:
+                    _logger.warning('corrupt sample skipped: %s', error)
+            if not self.replace_corrupt:
+                return None
         raise DatasetError(f'no readable image in {self.root}')
 
     def prepare(self, path: str, image, target: int) -> Tuple[Any, Any]:
@@ -140,10 +152,15 @@ class TokenLabelImageFolder(CheckedImageFolder):
 
     def prepare(self, path: str, image, target: int):
         score_map_path = self.score_map_path(path)
-        score_map = torch.load(score_map_path, map_location='cpu', weights_only=True)
+        try:
+            score_map = torch.load(score_map_path, map_location='cpu', weights_only=True)
+        except Exception as error:  # a truncated or foreign file fails in torch.load's zip or pickle reader
+            raise CorruptSampleError(f'{path}: its score map {score_map_path} is unreadable '
+                                     f'({type(error).__name__}: {" ".join(str(error).split())})') from None
         if not isinstance(score_map, torch.Tensor) or score_map.dim() != 4 or score_map.shape[0] != 2:
-            raise DatasetError(f'{score_map_path}: expected a tensor of shape (2, k, H, W) (top-k scores, then '
-                               f'their class indices), got {getattr(score_map, "shape", type(score_map).__name__)}')
+            found = tuple(score_map.shape) if isinstance(score_map, torch.Tensor) else type(score_map).__name__
+            raise CorruptSampleError(f'{path}: its score map {score_map_path} is not a tensor of shape (2, k, H, W) '
+                                     f'(top-k scores, then their class indices) but {found}')
         image, box, flipped = self.crop_flip(image)
         return self.augment(image), (target, score_map.float(), box, flipped)
 
@@ -208,46 +225,116 @@ class DeviceNormalize:
         return images
 
 
-def build_datasets(config: CfgNode) -> Tuple[CheckedImageFolder, CheckedImageFolder]:
+def _split(config: CfgNode, split: str) -> str:
     root = config.DATA.DATA_PATH
     if not root:
         raise DatasetError('no data path: pass --data-path or set DATA.DATA_PATH')
     if not os.path.isdir(root):
         raise DatasetError(f'data path {root} not found')
-    train_dir, val_dir = os.path.join(root, 'train'), os.path.join(root, 'val')
-    for split in (train_dir, val_dir):
-        if not os.path.isdir(split):
-            raise DatasetError(f'{split} not found: the data path must hold train/ and val/ folders of class folders')
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        raise DatasetError(f'{folder} not found: the data path must hold {split}/, a folder of class folders')
+    return folder
+
+
+def _check_num_classes(config: CfgNode, dataset: CheckedImageFolder):
+    if len(dataset.classes) > config.MODEL.NUM_CLASSES:
+        raise DatasetError(f'{dataset.root} has {len(dataset.classes)} classes but MODEL.NUM_CLASSES is '
+                           f'{config.MODEL.NUM_CLASSES}')
+
+
+def build_val_dataset(config: CfgNode) -> CheckedImageFolder:
+    """The validation split alone (what evaluation needs): ``val/`` of DATA.DATA_PATH."""
+    val = CheckedImageFolder(_split(config, 'val'), build_transform(config, is_training=False),
+                             replace_corrupt=False)
+    _check_num_classes(config, val)
+    return val
+
+
+def build_datasets(config: CfgNode) -> Tuple[CheckedImageFolder, CheckedImageFolder]:
+    """The training and validation splits, checked to hold the same classes."""
+    train_dir, val_dir = _split(config, 'train'), _split(config, 'val')
     if config.TOKEN_LABEL.DATA:
         train = TokenLabelImageFolder(train_dir, config.TOKEN_LABEL.DATA,
                                       *build_transform(config, is_training=True, separate=True))
     else:
         train = CheckedImageFolder(train_dir, build_transform(config, is_training=True), replace_corrupt=True)
-    val = CheckedImageFolder(val_dir, build_transform(config, is_training=False), replace_corrupt=False)
+    val = build_val_dataset(config)
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
-        raise DatasetError(f'train/ and val/ class folders differ in {root}: '
+        raise DatasetError(f'train/ and val/ class folders differ in {config.DATA.DATA_PATH}: '
                            f'only in train: {only_train or "none"}; only in val: {only_val or "none"}')
-    if len(train.classes) > config.MODEL.NUM_CLASSES:
-        raise DatasetError(f'{root} has {len(train.classes)} classes but MODEL.NUM_CLASSES is '
-                           f'{config.MODEL.NUM_CLASSES}')
     return train, val
 
 
+@contextlib.contextmanager
+def seeded_random_state(*entropy: int):
+    """Seed Python's, NumPy's and PyTorch's (CPU) global random generators from ``entropy`` for the ``with``
+    block, then restore them: the augmentation of a sample becomes a function of ``entropy`` alone, whichever
+    process or worker computes it and whatever ran there before."""
+    python, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    seed32, seed64 = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint64)
+    random.seed(int(seed64))
+    np.random.seed(int(seed32) % 2 ** 32)
+    torch.manual_seed(int(seed64))
+    try:
+        yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
+
+
+class EpochSampler(DistributedSampler):
+    """torch's distributed shuffling (a permutation from the seed and the epoch, split over the processes),
+    yielding ``(epoch, index)``: the key of ``SeededSamples``."""
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((epoch, index) for index in super().__iter__())
+
+
+class SeededSamples(Dataset):
+    """``dataset`` whose item ``(epoch, index)`` is augmented with random state seeded from (seed, epoch, index).
+
+    A run's augmentation is then fixed by its seed: it does not depend on the loader's workers (their number,
+    which worker takes which batch, what they drew before), so a run resumed at an epoch's start sees the images
+    an uninterrupted run sees, with persistent workers too.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Tuple[int, int]):
+        epoch, index = key
+        with seeded_random_state(self.seed, epoch, index):
+            return self.dataset[index]
+
+
 def _loader_options(config: CfgNode) -> dict:
+    # the loader's own generator draws its workers' base seed, which would otherwise come from (and advance) the
+    # global generator whenever an iterator is created: once per run with persistent workers, so that a resumed
+    # run's training would draw other dropout and Mixup values than an uninterrupted one
     return dict(num_workers=config.DATA.NUM_WORKERS, pin_memory=config.DATA.PIN_MEMORY,
-                collate_fn=collate_skipping_corrupt, persistent_workers=config.DATA.NUM_WORKERS > 0)
+                collate_fn=collate_skipping_corrupt, persistent_workers=config.DATA.NUM_WORKERS > 0,
+                generator=torch.Generator().manual_seed(config.SEED))
 
 
 def build_train_loader(config: CfgNode, train: CheckedImageFolder, world_size: int,
                        rank: int) -> Tuple[DataLoader, DistributedSampler]:
-    sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=config.SEED)
+    """The training loader and its sampler (call ``set_epoch`` before each epoch). Every sample's augmentation
+    is seeded from (SEED, epoch, index): see ``SeededSamples``."""
+    sampler = EpochSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=config.SEED)
     if len(sampler) < config.DATA.BATCH_SIZE:
         raise DatasetError(f'{len(train)} training images give each of {world_size} processes fewer than one '
                            f'batch of {config.DATA.BATCH_SIZE}: lower --batch-size')
-    return DataLoader(train, sampler=sampler, batch_size=config.DATA.BATCH_SIZE, drop_last=True,
-                      **_loader_options(config)), sampler
+    return DataLoader(SeededSamples(train, config.SEED), sampler=sampler, batch_size=config.DATA.BATCH_SIZE,
+                      drop_last=True, **_loader_options(config)), sampler
 
 
 def build_val_loader(config: CfgNode, val: CheckedImageFolder, world_size: int, rank: int) -> DataLoader:

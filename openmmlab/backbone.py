@@ -135,7 +135,7 @@ class PyramidBackbone(BaseModule):
             return
         path = self.init_cfg['checkpoint']
         try:
-            load_weights(self.model, path, head='drop', ignore_keys=self._pruned_keys)
+            load_weights(self.model, path, head='drop', ignore_keys=self._pruned_keys, logger=logger)
         except CheckpointError as error:
             raise PretrainedCheckpointError(
                 f'pretrained checkpoint {path} does not fit the {type(self).__name__} {self.arch}: {error}') from None

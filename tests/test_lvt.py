@@ -1,6 +1,7 @@
 """LVT: the authors' model (golden data), timm's interface, token labelling through the trainer."""
 import argparse
 import json
+import logging
 import math
 import re
 import sys
@@ -189,6 +190,34 @@ def test_token_label_loss_weights():
     torch.testing.assert_close(loss, expected)
 
 
+@pytest.mark.parametrize('with_score_maps', [False, True])
+@pytest.mark.parametrize('box', [(0, 0, 0, 0), (1, 0, 3, 2)])
+def test_token_label_loss_equals_lv_vits(with_score_maps, box):
+    """The loss equals that of LV-ViT's ``tlt`` package (which no run imports any more), with and without score
+    maps, without and with a MixToken box (4 of the 12 tokens mixed)."""
+    tlt_loss = pytest.importorskip('tlt.loss')
+    torch.manual_seed(0)
+    cls_logits, patch_logits = torch.randn(4, 5), torch.randn(4, 3, 4, 5)
+    labels = torch.tensor([0, 2, 4, 1])
+    loss = TokenLabelLoss(5, cls_weight=1.0, dense_weight=0.5, smoothing=0.1)
+    if with_score_maps:
+        score_maps = torch.cat([torch.rand(4, 1, 2, 6, 6) * 5, torch.randint(0, 5, (4, 1, 2, 6, 6)).float()], 1)
+        targets = (labels, score_maps, torch.tensor([[0., 0., 1., 1.], [.25, 0., 1., .5], [0., .5, .5, 1.],
+                                                      [.1, .2, .9, .8]]), torch.tensor([False, True, False, True]))
+        reference = dense_targets(*targets, grid=(3, 4), num_classes=5, smoothing=0.1)
+    else:
+        targets = labels
+        reference = torch.full((4, 5), 0.1 / 5).scatter_(1, labels[:, None], 1 - 0.1 + 0.1 / 5)
+    expected = tlt_loss.TokenLabelCrossEntropy(dense_weight=0.5, cls_weight=1.0, mixup_active=False, classes=5)(
+        (cls_logits, patch_logits.flatten(1, 2), box), reference)
+    torch.testing.assert_close(loss((cls_logits, patch_logits, box), targets), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_no_run_imports_tlt():
+    code = 'import sys, classification.train; assert "tlt" not in sys.modules, "tlt was imported"'
+    run_ok([sys.executable, '-c', code])
+
+
 def test_config_checks():
     with pytest.raises(ConfigError, match='needs a model with per-token predictions'):
         load_config(LVT_CONFIG, ['MODEL.NAME', 'fat_b0'])
@@ -240,6 +269,25 @@ def test_missing_score_maps_are_named(tmp_path):
                                                                     'TOKEN_LABEL.DATA': str(score_maps)})
     with pytest.raises(ValueError, match=r'1 of 6 training images have no score map .*bar/1\.png'):
         build_datasets(config)
+
+
+def test_corrupt_score_maps_are_skipped_and_counted(tmp_path, caplog):
+    data = write_image_folder(tmp_path / 'data', 2, 1)
+    score_maps = write_score_maps(data, tmp_path / 'score_maps', 3)
+    (score_maps / 'bar' / '1.pt').write_bytes((score_maps / 'bar' / '1.pt').read_bytes()[:100])  # cut short
+    torch.save(torch.zeros(3, 4), score_maps / 'noise' / '0.pt')  # not (2, k, H, W)
+    config = load_config(LVT_CONFIG, ['MODEL.NUM_CLASSES', '3', 'DATA.IMG_SIZE', '32'],
+                         **{'DATA.DATA_PATH': str(data), 'TOKEN_LABEL.DATA': str(score_maps)})
+    train, _ = build_datasets(config)
+    with caplog.at_level(logging.WARNING):
+        items = [train[i] for i in range(len(train))]
+    # classes bar, disc, noise: bar/1 is replaced by disc/0, noise/0 by noise/1
+    assert [item[2] for item in items] == [0, 1, 0, 0, 1, 0]
+    assert [item[1][0] for item in items] == [0, 1, 1, 1, 2, 2]
+    assert f'corrupt sample skipped: {data}/train/bar/1.png: its score map {score_maps}/bar/1.pt is unreadable' \
+        in caplog.text
+    assert f'{score_maps}/noise/0.pt is not a tensor of shape (2, k, H, W) (top-k scores, then their class indices)' \
+        ' but (3, 4)' in caplog.text
 
 
 @pytest.mark.slow
