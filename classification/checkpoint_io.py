@@ -249,7 +249,7 @@ def check_state_dict_fits(state_dict: Mapping[str, torch.Tensor], model: nn.Modu
 
 def load_weights(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping[str, Any]], head: str,
                  key: Optional[str] = None, ignore_keys: Collection[str] = (),
-                 logger: Optional[logging.Logger] = None) -> nn.Module:
+                 logger: Optional[logging.Logger] = None, name: Optional[str] = None) -> nn.Module:
     """Load a checkpoint's weights into ``model``, strictly, and log which weights it took.
 
     Args:
@@ -267,20 +267,21 @@ def load_weights(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping[s
         ignore_keys: keys of the model's full architecture that this model no longer has (what
             ``prune_intermediate_layers`` removed); the checkpoint's weights for them are skipped.
         logger: where the line saying which weights were taken goes (this module's logger by default).
+        name: how messages name a checkpoint given already read (its file, say); a file is named by its path.
 
     Raises:
         CheckpointError: the checkpoint is of another architecture, or its classifier does not fit (``'fail'``).
     """
     if head not in HEAD_POLICIES:
         raise ValueError(f'head must be one of {HEAD_POLICIES}, got {head!r}')
-    source = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
-    if source is not None:
+    source = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else name
+    if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = load_checkpoint_file(source)
     try:
         if key is None:
             key, taken = best_weights(checkpoint)
         else:
-            taken = f'{key!r}, as asked'
+            taken = f'its {key!r} weights'
         state_dict = unwrap_state_dict(checkpoint, key)
         remap = getattr(model, 'remap_checkpoint', None)
         if remap is not None:

@@ -313,7 +313,7 @@ def evaluate_checkpoint(config: CfgNode, distributed: Distributed) -> Dict:
 
     def model_from(key: Optional[str]) -> nn.Module:
         model = build_model(config, pretrained=False)
-        load_weights(model, checkpoint, head='fail', key=key, logger=_logger)
+        load_weights(model, checkpoint, head='fail', key=key, logger=_logger, name=config.MODEL.RESUME)
         return model.to(distributed.device, memory_format=memory_format)
 
     model_key, ema_key = weight_entries(checkpoint)
@@ -405,11 +405,11 @@ class Trainer:
         of any other (another trainer's, such as the authors', or a state dict), with their EMA weights where they
         have some; training then starts at TRAIN.START_EPOCH."""
         model_key, ema_key = weight_entries(checkpoint)
-        load_weights(self.model, checkpoint, head='fail', key=model_key, logger=_logger)
+        load_weights(self.model, checkpoint, head='fail', key=model_key, logger=_logger, name=path)
         self.ema_restarts = False
         if self.ema is not None:
             if ema_key is not None:
-                load_weights(self.ema.module, checkpoint, head='fail', key=ema_key, logger=_logger)
+                load_weights(self.ema.module, checkpoint, head='fail', key=ema_key, logger=_logger, name=path)
             else:
                 self.ema.set(self.model)
                 _logger.info('%s holds no EMA weights: the EMA starts from its weights', path)

@@ -1,5 +1,6 @@
 import argparse
 import csv
+import functools
 import io
 import json
 import logging
@@ -342,6 +343,57 @@ def test_eval_of_authors_checkpoint(tmp_path, reference_dir):
     assert_reported_accuracy_matches(result.stdout, model, val)
 
 
+# Run as a script, the trainer records, before each batch's forward pass, how many gradient buckets DDP has
+# all-reduced so far (rank<R>_syncs.json in its output folder).
+SYNCS_PER_BATCH = f"""
+import json, os, sys
+sys.path.insert(0, {str(REPO_ROOT)!r})
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from classification import train
+
+build = train.Trainer.__init__
+def build_and_count(self, *args):
+    build(self, *args)
+    reduced, before_batches = [0], []
+    def counting_allreduce(state, bucket):
+        reduced[0] += 1
+        return allreduce_hook(state, bucket)
+    self.train_model.register_comm_hook(None, counting_allreduce)
+    criterion = self.criterion
+    def recording_criterion(*inputs):
+        before_batches.append(reduced[0])
+        return criterion(*inputs)
+    self.criterion = recording_criterion
+    self.before_batches = before_batches
+fit = train.Trainer.fit
+def fit_and_save(self):
+    summary = fit(self)
+    with open(os.path.join(self.config.OUTPUT, f'rank{{self.distributed.rank}}_syncs.json'), 'w') as f:
+        json.dump(self.before_batches, f)
+    return summary
+train.Trainer.__init__, train.Trainer.fit = build_and_count, fit_and_save
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_under_ddp_syncs_once_per_step(tmp_path):
+    """TRAIN.ACCUMULATION_STEPS 2 on 2 processes: DDP all-reduces the gradients on the second batch of each step
+    only (no_sync on the first), and the processes' weights stay equal."""
+    data = write_image_folder(tmp_path / 'data', 4, 1)
+    script = tmp_path / 'train_counting_syncs.py'
+    script.write_text(SYNCS_PER_BATCH)
+    output = tmp_path / 'run'
+    run_ok(train_command(data, output, 'TRAIN.EPOCHS', '2', 'DATA.BATCH_SIZE', '2', 'TRAIN.ACCUMULATION_STEPS', '2',
+                         'PRINT_FREQ', '2', nproc=2, script=script))
+    for rank in (0, 1):
+        before_batches = json.loads((output / f'rank{rank}_syncs.json').read_text())
+        buckets = before_batches[2]
+        assert buckets > 0 and before_batches == [0, 0, buckets, buckets]  # 2 batches of 2 per step, 1 step of 4
+    summary = json.loads((output / 'summary.json').read_text())
+    assert summary['global_batch'] == 8 and [entry['epoch'] for entry in summary['history']] == [1, 2]
+
+
 def b0_predicting(label: int, seed: int) -> torch.nn.Module:
     """A FAT-B0 for 3 classes that predicts ``label`` for every image."""
     torch.manual_seed(seed)
@@ -461,6 +513,102 @@ def killed_at_step(command, step: int):
     result = subprocess.run([sys.executable, '-c', launcher, *command[module + 1:]], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == -signal.SIGKILL, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.fixture(scope='module')
+def tiny_data(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp('tiny') / 'data', 4, 1)
+
+
+def first_epoch(data: Path, output: Path, *opts: str, watch=None) -> dict:
+    """The first epoch of the full recipe (3 steps of batch 4) from seed 0, in this process: each step's gradient
+    norm, and what ``watch(trainer)`` (called before training) returns."""
+    config = load_config(B0_CONFIG, [*TINY, 'DATA.BATCH_SIZE', '4', *opts],
+                         **{'DATA.DATA_PATH': str(data), 'OUTPUT': str(output)})
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    trainer = Trainer(config, Distributed())
+    watched = watch(trainer) if watch else None
+    step = trainer.optimizer_step
+    grad_norms = []
+
+    def step_and_record(global_step):
+        grad_norms.append(step(global_step).item())
+        return grad_norms[-1]
+    trainer.optimizer_step = step_and_record
+    stats = trainer.train_one_epoch(0)
+    return dict(trainer=trainer, loss=stats['loss'], grad_norms=grad_norms, watched=watched)
+
+
+def count_block_calls(trainer) -> list:
+    calls = []
+    # a pre-hook: the recomputation stops once it has what the backward pass needs, before forward hooks run
+    trainer.model.stages[-1].blocks[0].register_forward_pre_hook(lambda *args: calls.append(1))
+    return calls
+
+
+@pytest.fixture(scope='module')
+def plain_first_epoch(tiny_data, tmp_path_factory):
+    return first_epoch(tiny_data, tmp_path_factory.mktemp('plain'), watch=count_block_calls)
+
+
+@pytest.mark.parametrize('switch', ['TRAIN.USE_CHECKPOINT', 'TRAIN.CHANNELS_LAST'])
+def test_memory_switches_train_as_without_them(tiny_data, plain_first_epoch, tmp_path, switch):
+    """Gradient checkpointing recomputes each block in the backward pass, channels-last runs the convolutions on
+    channels-last weights and batches: the losses and gradients are those of a run without them."""
+    run = first_epoch(tiny_data, tmp_path, switch, 'True', watch=count_block_calls)
+    assert len(plain_first_epoch['watched']) == 3
+    if switch == 'TRAIN.USE_CHECKPOINT':
+        assert len(run['watched']) == 2 * 3  # forward, and again in the backward pass
+    else:
+        assert run['trainer'].model.stem.conv1.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert run['loss'] == pytest.approx(plain_first_epoch['loss'], rel=1e-5)
+    assert run['grad_norms'] == pytest.approx(plain_first_epoch['grad_norms'], rel=1e-4)
+
+
+def test_sgd_steps_with_nesterov_momentum(tiny_data, tmp_path):
+    """SGD's first step, by hand: the momentum buffer is the (clipped) gradient plus weight decay, and Nesterov's
+    update is (1 + momentum) times it; norms and biases have no weight decay."""
+    def watch_first_step(trainer):
+        optimizer = trainer.optimizer
+        seen = {}
+        step = optimizer.step
+
+        def step_and_watch(*args, **kwargs):
+            if not seen:
+                for name in ('stem.conv1.conv.weight', 'head.fc.bias'):
+                    parameter = trainer.model.get_parameter(name)
+                    seen[name] = (parameter.detach().clone(), parameter.grad.clone(), optimizer.param_groups[0]['lr'])
+                step(*args, **kwargs)
+                for name in list(seen):
+                    seen[name] += (trainer.model.get_parameter(name).detach().clone(),)
+                return None
+            return step(*args, **kwargs)
+        optimizer.step = step_and_watch
+        return seen
+    run = first_epoch(tiny_data, tmp_path, 'TRAIN.OPTIMIZER.NAME', 'sgd', 'TRAIN.BASE_LR', '50.',
+                      'TRAIN.WARMUP_EPOCHS', '0', watch=watch_first_step)
+    optimizer = run['trainer'].optimizer
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert all(group['nesterov'] and group['momentum'] == 0.9 for group in optimizer.param_groups)
+    for name, weight_decay in (('stem.conv1.conv.weight', 0.05), ('head.fc.bias', 0.)):
+        before, grad, lr, after = run['watched'][name]
+        direction = grad + weight_decay * before
+        torch.testing.assert_close(after, before - lr * 1.9 * direction, rtol=1e-5, atol=1e-7)
+        assert (after - before).abs().max() > 1e-3
+    assert all(math.isfinite(norm) for norm in run['grad_norms'])
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tiny_data, plain_first_epoch, tmp_path, monkeypatch):
+    """TRAIN.COMPILE trains through torch.compile's graphs (TorchDynamo and AOTAutograd; without Inductor's code
+    generation, which takes minutes on 2 cores and is checked on the models by test_model's compile test)."""
+    monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend='aot_eager'))
+    run = first_epoch(tiny_data, tmp_path, 'TRAIN.COMPILE', 'True')
+    assert isinstance(run['trainer'].train_model, torch._dynamo.eval_frame.OptimizedModule)
+    assert run['loss'] == pytest.approx(plain_first_epoch['loss'], rel=1e-4)
+    assert run['grad_norms'] == pytest.approx(plain_first_epoch['grad_norms'], rel=1e-3)
 
 
 @pytest.mark.slow
