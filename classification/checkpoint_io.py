@@ -321,9 +321,9 @@ def _apply_head_policy(state_dict: Dict[str, torch.Tensor], model: nn.Module, he
 def timm_overlay(pretrained_cfg_overlay: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
     """timm's ``pretrained_cfg_overlay`` for a model of this project: a checkpoint ``file`` loads through the
     model's ``load_pretrained`` (``load_weights``), not through timm's own loader, unless ``custom_load`` is given.
-    timm's loader would take other weights than every other loader of this project: a timm-trainer or this
-    trainer's EMA whichever scored higher, no classifier unless it has 1000 classes, and none of the authors' FAT
-    checkpoints (their pickled config)."""
+    timm's own loader would take other weights than every other loader of this project: the EMA weights whenever a
+    checkpoint has some, whichever scored higher; no classifier unless it has 1000 classes, even one that fits the
+    model; and none of the FAT authors' checkpoints (it refuses their pickled config)."""
     if pretrained_cfg_overlay is None or not pretrained_cfg_overlay.get('file') \
             or 'custom_load' in pretrained_cfg_overlay:
         return pretrained_cfg_overlay
