@@ -442,6 +442,7 @@ def test_eval_needs_only_the_validation_split_and_reports_the_best_weights(tmp_p
     assert not (output / 'log.txt').exists()
 
 
+@pytest.mark.slow
 def test_a_foreign_checkpoint_resumes_as_weights_and_ema_weights(tmp_path, monkeypatch):
     """The LVT authors' timm-trainer checkpoint (optimizer, EMA, no best accuracy): its weights and EMA weights
     continue, with a new optimizer and schedule; the EMA continues from theirs (it does not restart at step 1),
@@ -470,6 +471,7 @@ def test_a_foreign_checkpoint_resumes_as_weights_and_ema_weights(tmp_path, monke
         torch.testing.assert_close(ema[name], expected[name], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_the_ema_follows_the_trained_weights_by_its_decay(tmp_path):
     """From its first step (where timm's EMA takes the weights as they are) on, each step moves the EMA by
     1 - decay of the way to the trained weights."""
@@ -553,6 +555,7 @@ def plain_first_epoch(tiny_data, tmp_path_factory):
     return first_epoch(tiny_data, tmp_path_factory.mktemp('plain'), watch=count_block_calls)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('switch', ['TRAIN.USE_CHECKPOINT', 'TRAIN.CHANNELS_LAST'])
 def test_memory_switches_train_as_without_them(tiny_data, plain_first_epoch, tmp_path, switch):
     """Gradient checkpointing recomputes each block in the backward pass, channels-last runs the convolutions on
@@ -567,6 +570,7 @@ def test_memory_switches_train_as_without_them(tiny_data, plain_first_epoch, tmp
     assert run['grad_norms'] == pytest.approx(plain_first_epoch['grad_norms'], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_sgd_steps_with_nesterov_momentum(tiny_data, tmp_path):
     """SGD's first step, by hand: the momentum buffer is the (clipped) gradient plus weight decay, and Nesterov's
     update is (1 + momentum) times it; norms and biases have no weight decay."""
