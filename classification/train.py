@@ -4,6 +4,8 @@
     python -m classification.train --cfg configs/classification/fat_b0.yaml --data-path /data/imagenet
     torchrun --nproc_per_node 8 -m classification.train --cfg configs/classification/fat_b0.yaml \\
         --data-path /data/imagenet
+    torchrun --nproc_per_node 8 -m classification.train --cfg configs/classification/fat_b0.yaml \\
+        --dataset wds/imagenet --data-path /data/imagenet-wds   # or tar, hfds/...: see data.py
     python -m classification.train --cfg ... --data-path ... --eval --resume CHECKPOINT
     python -m classification.train --cfg ... --throughput
 
@@ -51,7 +53,7 @@ from .checkpoint_io import (CheckpointError, UnsafeCheckpointError, best_weights
 from .checkpointing import Checkpointer, is_trainer_checkpoint, set_rng_state
 from .config import ConfigError, config_changes, load_config, total_epochs
 from .data import (DatasetError, DeviceNormalize, build_datasets, build_train_loader, build_val_dataset,
-                   build_val_loader)
+                   build_val_loader, describe)
 from .synthetic_shapes import ensure_synthetic_shapes
 from .token_labelling import TokenLabelLoss
 
@@ -110,7 +112,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Train or evaluate FAT or LVT',
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument('--cfg', required=True, metavar='FILE', help='yacs config file')
-    parser.add_argument('--data-path', help='dataset folder with train/ and val/ (DATA.DATA_PATH)')
+    parser.add_argument('--data-path', help='the dataset (DATA.DATA_PATH): a folder with train/ and val/ class\n'
+                                            'folders, or train.tar and val.tar, or WebDataset shards and _info.json')
+    parser.add_argument('--dataset', metavar='NAME',
+                        help="its layout, as timm names it (DATA.DATASET): '' or 'folder' (the default), 'tar',\n"
+                             "'wds/<name>', 'hfds/<name or folder>'")
     parser.add_argument('--batch-size', type=int, help='images per process (DATA.BATCH_SIZE)')
     parser.add_argument('--output', help='folder for checkpoints and logs (OUTPUT; default '
                                          'output/<model>/<config file name>)')
@@ -287,8 +293,7 @@ def evaluate_with_ema(model: nn.Module, ema_model: Optional[nn.Module], loader, 
 def prepare_datasets(config: CfgNode, distributed: Distributed):
     _ensure_generated_data(config, distributed)
     train_set, val_set = build_datasets(config)
-    _logger.info('data: %d training and %d validation images in %d classes', len(train_set), len(val_set),
-                 len(train_set.classes))
+    _logger.info('data: training %s; validation %s', describe(train_set), describe(val_set))
     return train_set, val_set
 
 
@@ -307,7 +312,7 @@ def evaluate_checkpoint(config: CfgNode, distributed: Distributed) -> Dict:
     checkpoint = load_checkpoint_file(config.MODEL.RESUME)
     _ensure_generated_data(config, distributed)
     val_set = build_val_dataset(config)
-    _logger.info('data: %d validation images in %d classes', len(val_set), len(val_set.classes))
+    _logger.info('data: validation %s', describe(val_set))
     loader = build_val_loader(config, val_set, distributed.world_size, distributed.rank)
     memory_format = torch.channels_last if config.TRAIN.CHANNELS_LAST else torch.preserve_format
 
@@ -646,8 +651,8 @@ def measure_throughput(config: CfgNode, device: torch.device, amp_dtype: Optiona
 
 def run(args: argparse.Namespace) -> Optional[Dict]:
     config = load_config(args.cfg, args.opts, **{
-        'DATA.DATA_PATH': args.data_path, 'DATA.BATCH_SIZE': args.batch_size, 'OUTPUT': args.output,
-        'MODEL.RESUME': args.resume, 'TOKEN_LABEL.DATA': args.token_label_data,
+        'DATA.DATA_PATH': args.data_path, 'DATA.DATASET': args.dataset, 'DATA.BATCH_SIZE': args.batch_size,
+        'OUTPUT': args.output, 'MODEL.RESUME': args.resume, 'TOKEN_LABEL.DATA': args.token_label_data,
         'EVAL_MODE': args.eval or None, 'THROUGHPUT_MODE': args.throughput or None})
     distributed = Distributed()
     try:
@@ -725,6 +730,13 @@ def _describe_changes(changes) -> str:
     return '; '.join(f'{key} {before!r} -> {after!r}' for key, before, after in changes)
 
 
+def _message(error: Exception) -> str:
+    """An error's message. One raised in a loader worker arrives as the text of its traceback, whose last line is
+    'module.Type: message'."""
+    text = str(error)
+    return text.strip().splitlines()[-1].split(': ', 1)[-1] if 'Original Traceback' in text else text
+
+
 def main(argv: Optional[Sequence[str]] = None):
     args = parse_args(argv)
     try:
@@ -732,7 +744,7 @@ def main(argv: Optional[Sequence[str]] = None):
     except (ConfigError, DatasetError, CheckpointError, UnsafeCheckpointError, FileNotFoundError, FileExistsError,
             NonFiniteLossError) as error:
         # bad input (config, data, checkpoint) and a diverging run end with one line naming the problem
-        sys.exit(f'error: {error}')
+        sys.exit(f'error: {_message(error)}')
 
 
 if __name__ == '__main__':

@@ -241,7 +241,8 @@ def test_token_label_items_carry_their_score_map_and_crop(tmp_path):
                                       'AUG.REPROB', '0.', 'AUG.COLOR_JITTER', '0.'],
                          **{'DATA.DATA_PATH': str(data), 'TOKEN_LABEL.DATA': str(score_maps)})
     train, _ = build_datasets(config)
-    for index, (path, label) in enumerate(train.samples):
+    for index, path in enumerate(train.reader.filenames(absolute=True)):
+        label = train.classes.index(Path(path).parent.name)
         torch.manual_seed(index)
         random.seed(index)
         image, (target, score_map, box, flipped), corrupt = train[index]

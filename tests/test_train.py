@@ -438,7 +438,7 @@ def test_eval_needs_only_the_validation_split_and_reports_the_best_weights(tmp_p
     assert result['best_weights'] == best
     assert f"the weights the checkpoint calls best, which every loader takes: the " \
            f"{'trained' if best == 'model' else 'EMA'} weights, {best!r}" in log
-    assert 'data: 10 validation images in 3 classes' in log
+    assert f"data: validation 10 images in 3 classes ({data / 'val'})" in log
     assert not (output / 'log.txt').exists()
 
 
