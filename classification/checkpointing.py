@@ -12,16 +12,24 @@ import random
 import re
 import shutil
 import tempfile
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ['Checkpointer', 'rng_state', 'set_rng_state']
+__all__ = ['Checkpointer', 'is_trainer_checkpoint', 'rng_state', 'set_rng_state']
 
 _logger = logging.getLogger(__name__)
 _PERIODIC = re.compile(r'^ckpt_epoch_(\d+)\.pth$')
+# what every checkpoint of this trainer holds (Trainer.state), and no other trainer's
+_TRAINER_KEYS = ('model', 'optimizer', 'epoch', 'max_accuracy', 'config', 'steps_per_epoch', 'global_batch')
+
+
+def is_trainer_checkpoint(checkpoint: Any) -> bool:
+    """Whether ``checkpoint`` is this trainer's (whose optimizer, schedule, epoch and random state a run can
+    continue), not another's: the authors' FAT checkpoints, a timm trainer's (the LVT authors'), a state dict."""
+    return isinstance(checkpoint, dict) and all(key in checkpoint for key in _TRAINER_KEYS)
 
 
 def rng_state() -> Dict:

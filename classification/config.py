@@ -5,7 +5,7 @@ Learning rates are given per 512 images and scaled linearly with the global batc
 (per-GPU batch x GPUs x accumulation steps).
 """
 import os
-from typing import Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -19,9 +19,18 @@ _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 128  # per process
 _C.DATA.VAL_BATCH_SIZE = None  # per process; None: DATA.BATCH_SIZE
 _C.DATA.DATA_PATH = ''
-# 'imagefolder': DATA_PATH holds train/ and val/ class folders
-# 'synthetic_shapes': the same layout, generated into DATA_PATH on first use (the demo)
-_C.DATA.DATASET = 'imagefolder'
+# The layout of DATA_PATH, named as timm's dataset factory (timm.data.create_dataset) names it:
+# '' or 'folder': a folder of class folders per split (DATA_PATH/train/<class>/<image>, DATA_PATH/val/...)
+# 'tar': a tar of class folders per split (DATA_PATH/train.tar, DATA_PATH/val.tar)
+# 'wds/<name>': WebDataset shards, described by DATA_PATH/_info.json (timm's format: splits, shards, sample counts)
+# 'hfds/<name or folder>': a Hugging Face dataset (from the Hub or a local folder); DATA_PATH is its cache ('' for
+#     the library's default)
+# 'synthetic_shapes': class folders generated into DATA_PATH on first use (the demo)
+_C.DATA.DATASET = ''
+# the splits' names: '' is 'train', and 'val' for folders and tars, 'validation' for 'wds/' and 'hfds/' (timm's
+# and Hugging Face's name); for 'wds/' also a shard pattern with the sample count, 'train-{0000..0099}.tar|128116'
+_C.DATA.TRAIN_SPLIT = ''
+_C.DATA.VAL_SPLIT = ''
 _C.DATA.IMG_SIZE = 224
 _C.DATA.INTERPOLATION = 'bicubic'
 _C.DATA.PIN_MEMORY = True
@@ -96,7 +105,9 @@ _C.TEST.CROP_PCT = 0.875
 
 # 'auto': bf16 on GPUs that support it, else fp16 with a GradScaler; off on the CPU
 _C.AMP = 'auto'
-_C.OUTPUT = 'output'
+# where the run writes (and from where it resumes); '': output/<MODEL.NAME>/<config file name>, so that runs of
+# different models or config files never share a folder
+_C.OUTPUT = ''
 _C.SAVE_FREQ = 1
 _C.PRINT_FREQ = 10
 _C.SEED = 0
@@ -115,6 +126,27 @@ def total_epochs(config: CN) -> int:
     return config.TRAIN.EPOCHS + config.TRAIN.COOLDOWN_EPOCHS
 
 
+# DATA.DATASET's names for each layout that the trainer reads; 'imagefolder' is this trainer's former name for folders
+_FOLDER_NAMES = ('', 'folder', 'imagefolder', 'synthetic_shapes')
+_PREFIXES = ('wds', 'hfds')
+
+
+def dataset_layout(name: str) -> str:
+    """The layout that DATA.DATASET ``name`` names: 'folder', 'tar', 'wds' or 'hfds'. As in timm, the prefix
+    before '/' is case-insensitive and the rest is passed on as it is."""
+    prefix, slash, rest = name.partition('/')
+    if slash and prefix.lower() in _PREFIXES and rest:
+        return prefix.lower()
+    if name.lower() in _FOLDER_NAMES:
+        return 'folder'
+    if name.lower() == 'tar':
+        return 'tar'
+    unsupported = f' ({prefix}/ is one of timm\'s datasets that this trainer does not read)' if slash else ''
+    raise ConfigError(f"DATA.DATASET (--dataset) must be '' or 'folder' (class folders), 'tar' (a tar of class "
+                      f"folders per split), 'wds/<name>' (WebDataset shards), 'hfds/<name or folder>' (a Hugging Face "
+                      f"dataset) or 'synthetic_shapes' (the demo), got {name!r}{unsupported}")
+
+
 def get_defaults() -> CN:
     return _C.clone()
 
@@ -123,7 +155,14 @@ def _merge_file(config: CN, path: str):
     if not os.path.isfile(path):
         raise ConfigError(f'config file not found: {path}')
     with open(path) as f:
-        content = yaml.safe_load(f) or {}
+        try:
+            content = yaml.safe_load(f)
+        except yaml.YAMLError as error:
+            raise ConfigError(f'{path} is not valid YAML: {" ".join(str(error).split())}') from None
+    content = {} if content is None else content
+    if not isinstance(content, dict):
+        raise ConfigError(f'{path}: a config file holds a mapping of keys (MODEL:, TRAIN:, ...), this one a '
+                          f'{type(content).__name__}')
     for base in content.get('BASE', ['']):
         if base:
             _merge_file(config, os.path.join(os.path.dirname(path), base))
@@ -153,9 +192,47 @@ def load_config(cfg_path: Optional[str] = None, opts: Sequence[str] = (), **over
                                 for item in (key, value)])
     except (KeyError, ValueError, AssertionError) as error:
         raise ConfigError(f'--opts: {_describe(error)}') from None
+    if not config.OUTPUT:
+        config_name = os.path.splitext(os.path.basename(cfg_path))[0] if cfg_path else 'default'
+        config.OUTPUT = os.path.join('output', config.MODEL.NAME, config_name)
     _validate(config)
     config.freeze()
     return config
+
+
+# What a resumed run may change without --allow-config-change: where things are and how fast they run, the length
+# of the schedule, and the batch per process (the learning-rate schedule is then rebuilt for the new global batch,
+# with a warning). Anything else (the model, the recipe, the seed) makes it another run.
+RESUMABLE_KEYS = frozenset({
+    'OUTPUT', 'MODEL.RESUME', 'MODEL.PRETRAINED', 'TRAIN.AUTO_RESUME', 'TRAIN.START_EPOCH', 'EVAL_MODE',
+    'THROUGHPUT_MODE',
+    'TRAIN.EPOCHS', 'TRAIN.COOLDOWN_EPOCHS',
+    'DATA.DATASET', 'DATA.DATA_PATH', 'DATA.TRAIN_SPLIT', 'DATA.VAL_SPLIT', 'TOKEN_LABEL.DATA', 'DATA.NUM_WORKERS',
+    'DATA.PIN_MEMORY',
+    'DATA.VAL_BATCH_SIZE', 'DATA.BATCH_SIZE', 'TRAIN.ACCUMULATION_STEPS',
+    'AMP', 'TRAIN.COMPILE', 'TRAIN.CHANNELS_LAST', 'TRAIN.USE_CHECKPOINT', 'DATA.DEVICE_NORMALIZE',
+    'PRINT_FREQ', 'SAVE_FREQ', 'TRAIN.KEEP_CHECKPOINTS',
+})
+
+
+def _flatten(tree: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f'{prefix}{key}.'))
+        else:
+            flat[f'{prefix}{key}'] = value
+    return flat
+
+
+def config_changes(saved: str, config: CN) -> List[Tuple[str, Any, Any]]:
+    """``(key, saved value, current value)`` for every key of the schema whose value ``config`` changes from
+    ``saved`` (a run's config as ``CfgNode.dump()`` wrote it), other than RESUMABLE_KEYS. Keys that only one of
+    them has (a schema of another version) are not compared."""
+    before = _flatten(yaml.safe_load(saved) or {})
+    after = _flatten(yaml.safe_load(config.dump()))
+    return [(key, before[key], after[key]) for key in sorted(before.keys() & after.keys())
+            if key not in RESUMABLE_KEYS and before[key] != after[key]]
 
 
 def _validate(config: CN):
@@ -173,8 +250,7 @@ def _validate(config: CN):
             raise ConfigError('token labelling mixes with MixToken: set AUG.MIXUP and AUG.CUTMIX to 0')
     elif config.TOKEN_LABEL.DATA:
         raise ConfigError('TOKEN_LABEL.DATA (--token-label-data) is set but TOKEN_LABEL.ENABLED is not')
-    if config.DATA.DATASET not in ('imagefolder', 'synthetic_shapes'):
-        raise ConfigError(f"DATA.DATASET must be 'imagefolder' or 'synthetic_shapes', got {config.DATA.DATASET!r}")
+    dataset_layout(config.DATA.DATASET)
     if not 0 <= config.TRAIN.WARMUP_EPOCHS < config.TRAIN.EPOCHS:
         raise ConfigError(f'TRAIN.WARMUP_EPOCHS ({config.TRAIN.WARMUP_EPOCHS}) must be at least 0 and less than '
                           f'TRAIN.EPOCHS ({config.TRAIN.EPOCHS})')

@@ -39,7 +39,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq, named_apply
 
-from .checkpoint_io import CheckpointError, check_state_dict_fits, load_weights
+from .checkpoint_io import CheckpointError, check_state_dict_fits, load_weights, timm_overlay
 from .token_mixers import TOKEN_MIXERS
 
 __all__ = ['FAT', 'checkpoint_filter_fn']
@@ -553,11 +553,12 @@ class FAT(nn.Module):
         ``model``, ``epoch``, ``max_accuracy`` and a yacs ``config``), this project's checkpoints, or a
         plain state dict (.pth or .safetensors). Nothing is unpickled beyond tensors and plain data.
 
-        timm routes ``pretrained_cfg_overlay=dict(file=PATH, custom_load=True)`` here. A classifier of
-        another size than this model's is dropped, leaving the freshly initialised one.
+        timm routes ``pretrained_cfg_overlay=dict(file=PATH)`` here (``checkpoint_io.timm_overlay``), so that
+        timm's ``pretrained`` takes the weights every other loader of this project takes: of a training checkpoint,
+        those it calls best (``checkpoint_io.best_weights``). A classifier of another size than this model's is
+        dropped, leaving the freshly initialised one.
         """
-        load_weights(self, checkpoint_path, head='drop')
-        _logger.info('Loaded pretrained weights from %s', checkpoint_path)
+        load_weights(self, checkpoint_path, head='drop', logger=_logger)
 
 
 def _init_weights(module: nn.Module, name: str = ''):
@@ -622,7 +623,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: FAT) -> Dic
     return state_dict
 
 
-def _create_fat(variant: str, pretrained: bool = False, **kwargs) -> FAT:
+def _create_fat(variant: str, pretrained: bool = False, pretrained_cfg_overlay: Optional[Dict] = None,
+                **kwargs) -> FAT:
     if kwargs.get('pyramid', 'stages') == 'stages':
         feature_cfg = dict(out_indices=(0, 1, 2, 3), flatten_sequential=True)
     else:
@@ -631,6 +633,7 @@ def _create_fat(variant: str, pretrained: bool = False, **kwargs) -> FAT:
     return build_model_with_cfg(
         FAT, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_cfg_overlay=timm_overlay(pretrained_cfg_overlay),
         feature_cfg=feature_cfg,
         **kwargs,
     )

@@ -35,7 +35,7 @@ from timm.models._features_fx import register_notrace_function
 from timm.models._manipulate import checkpoint_seq, named_apply
 from timm.models.volo import ClassBlock, rand_bbox
 
-from .checkpoint_io import check_state_dict_fits, load_weights
+from .checkpoint_io import check_state_dict_fits, load_weights, timm_overlay
 
 __all__ = ['LVT', 'LVTCls', 'checkpoint_filter_fn']
 
@@ -396,8 +396,10 @@ class LVT(nn.Module):
         ``epoch``, ``arch``, often ``args`` and ``optimizer``), this project's checkpoints, or a plain state dict
         (.pth or .safetensors). Nothing is unpickled beyond tensors and plain data.
 
-        timm routes ``pretrained_cfg_overlay=dict(file=PATH, custom_load=True)`` here. A classifier of another
-        size than this model's is dropped, leaving the freshly initialised one.
+        timm routes ``pretrained_cfg_overlay=dict(file=PATH)`` here (``checkpoint_io.timm_overlay``), so that
+        timm's ``pretrained`` takes the weights every other loader of this project takes: of a training checkpoint,
+        those it calls best (``checkpoint_io.best_weights``). A classifier of another size than this model's is
+        dropped, leaving the freshly initialised one.
         """
         load_weights(self, checkpoint_path, head='drop')
 
@@ -565,10 +567,12 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: LVT) -> Dic
     return state_dict
 
 
-def _create(model_class: type, variant: str, pretrained: bool = False, **kwargs) -> LVT:
+def _create(model_class: type, variant: str, pretrained: bool = False, pretrained_cfg_overlay: Optional[Dict] = None,
+            **kwargs) -> LVT:
     return build_model_with_cfg(
         model_class, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_cfg_overlay=timm_overlay(pretrained_cfg_overlay),
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
         **kwargs,
     )

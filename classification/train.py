@@ -3,14 +3,19 @@
 
     python -m classification.train --cfg configs/classification/fat_b0.yaml --data-path /data/imagenet
     torchrun --nproc_per_node 8 -m classification.train --cfg configs/classification/fat_b0.yaml \\
-        --data-path /data/imagenet --output output/fat_b0
+        --data-path /data/imagenet
+    torchrun --nproc_per_node 8 -m classification.train --cfg configs/classification/fat_b0.yaml \\
+        --dataset wds/imagenet --data-path /data/imagenet-wds   # or tar, hfds/...: see data.py
     python -m classification.train --cfg ... --data-path ... --eval --resume CHECKPOINT
     python -m classification.train --cfg ... --throughput
 
-Everything the run writes goes to --output: ``log.txt``, the resolved ``config.yaml``, TensorBoard events
-(x-axis: optimizer steps), ``summary.csv`` (a row per epoch), ``latest.pth``, ``best.pth``, ``ckpt_epoch_N.pth``
-every SAVE_FREQ epochs (the newest TRAIN.KEEP_CHECKPOINTS kept) and ``summary.json``. Restarted with the same
---output, a run resumes from ``latest.pth`` (TRAIN.AUTO_RESUME); a run already complete stops at once.
+Everything the run writes goes to --output (by default output/<model>/<config file name>): ``log.txt``, the
+resolved ``config.yaml``, TensorBoard events (x-axis: optimizer steps), ``summary.csv`` (a row per epoch),
+``latest.pth``, ``best.pth``, ``ckpt_epoch_N.pth`` every SAVE_FREQ epochs (the newest TRAIN.KEEP_CHECKPOINTS kept)
+and ``summary.json``; ``--eval`` and ``--throughput`` write their own logs there, ``eval_log.txt`` and
+``throughput_log.txt``. Restarted with the same --output, a run resumes from ``latest.pth`` (TRAIN.AUTO_RESUME),
+unless its config differs in more than ``config.RESUMABLE_KEYS`` (``--allow-config-change`` overrides); a run
+already complete stops at once.
 
 The training loop never waits for the device between two reports: the loss, its finiteness and the gradient norm
 are summed on the device and read, over all processes, once every PRINT_FREQ batches.
@@ -36,17 +41,19 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
-from timm.utils import ModelEmaV3, accuracy, update_summary
+from timm.utils import ModelEmaV3, accuracy, distribute_bn, update_summary
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_map
 from tqdm import tqdm
 from yacs.config import CfgNode
 
-from .checkpoint_io import CheckpointError, UnsafeCheckpointError, load_checkpoint_file, load_weights
-from .checkpointing import Checkpointer, set_rng_state
-from .config import ConfigError, load_config, total_epochs
-from .data import DatasetError, DeviceNormalize, build_datasets, build_train_loader, build_val_loader
+from .checkpoint_io import (CheckpointError, UnsafeCheckpointError, best_weights, higher_scoring, load_checkpoint_file,
+                            load_weights, weight_entries)
+from .checkpointing import Checkpointer, is_trainer_checkpoint, set_rng_state
+from .config import ConfigError, config_changes, load_config, total_epochs
+from .data import (DatasetError, DeviceNormalize, build_datasets, build_train_loader, build_val_dataset,
+                   build_val_loader, describe)
 from .synthetic_shapes import ensure_synthetic_shapes
 from .token_labelling import TokenLabelLoss
 
@@ -105,10 +112,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Train or evaluate FAT or LVT',
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument('--cfg', required=True, metavar='FILE', help='yacs config file')
-    parser.add_argument('--data-path', help='dataset folder with train/ and val/ (DATA.DATA_PATH)')
+    parser.add_argument('--data-path', help='the dataset (DATA.DATA_PATH): a folder with train/ and val/ class\n'
+                                            'folders, or train.tar and val.tar, or WebDataset shards and _info.json')
+    parser.add_argument('--dataset', metavar='NAME',
+                        help="its layout, as timm names it (DATA.DATASET): '' or 'folder' (the default), 'tar',\n"
+                             "'wds/<name>', 'hfds/<name or folder>'")
     parser.add_argument('--batch-size', type=int, help='images per process (DATA.BATCH_SIZE)')
-    parser.add_argument('--output', help='folder for checkpoints and logs (OUTPUT)')
+    parser.add_argument('--output', help='folder for checkpoints and logs (OUTPUT; default '
+                                         'output/<model>/<config file name>)')
     parser.add_argument('--resume', metavar='CKPT', help='checkpoint to resume from or to evaluate (MODEL.RESUME)')
+    parser.add_argument('--allow-config-change', action='store_true',
+                        help='resume a run whose saved config differs from this one in more than where and how\n'
+                             'fast it runs (the differences are logged)')
     parser.add_argument('--token-label-data', metavar='DIR',
                         help='score maps for token labelling (TOKEN_LABEL.DATA; the model\'s config enables it)')
     parser.add_argument('--eval', action='store_true', help='evaluate --resume CKPT and exit')
@@ -117,15 +132,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def setup_logging(output: Optional[str], distributed: Distributed):
-    """Rank 0 logs everything to the console and ``output``/log.txt; other ranks log warnings (corrupt images) to
-    both. Without ``output``, to the console only."""
+def setup_logging(output: Optional[str], distributed: Distributed, file_name: str = 'log.txt'):
+    """Rank 0 logs everything to the console and ``output``/``file_name``; other ranks log warnings (corrupt
+    images) to both. Without ``output``, to the console only."""
     level = logging.INFO if distributed.is_main else logging.WARNING
     formatter = logging.Formatter(f'[%(asctime)s rank{distributed.rank}] %(message)s', '%Y-%m-%d %H:%M:%S')
     handlers = [logging.StreamHandler(sys.stdout)]
     if output is not None:
         os.makedirs(output, exist_ok=True)
-        handlers.append(logging.FileHandler(os.path.join(output, 'log.txt')))
+        handlers.append(logging.FileHandler(os.path.join(output, file_name)))
     root = logging.getLogger()
     root.handlers.clear()
     for handler in handlers:
@@ -202,18 +217,18 @@ def build_criterion(config: CfgNode, mixup: Optional[Mixup]) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def build_model(config: CfgNode) -> nn.Module:
+def build_model(config: CfgNode, pretrained: bool = True) -> nn.Module:
     """The configured model; drop path at the registered model's rate unless MODEL.DROP_PATH_RATE sets one, its
-    dense training output for token labelling, and MODEL.PRETRAINED's weights (less a classifier of another size)
-    if given."""
+    dense training output for token labelling, and with ``pretrained`` MODEL.PRETRAINED's weights (those the
+    checkpoint calls best, less a classifier of another size) if given."""
     options = dict(drop_rate=config.MODEL.DROP_RATE)
     if config.MODEL.DROP_PATH_RATE is not None:
         options['drop_path_rate'] = config.MODEL.DROP_PATH_RATE
     if config.TOKEN_LABEL.ENABLED:
         options.update(return_dense=True, mix_token=config.TOKEN_LABEL.MIX_TOKEN)
     model = timm.create_model(config.MODEL.NAME, num_classes=config.MODEL.NUM_CLASSES, **options)
-    if config.MODEL.PRETRAINED:
-        load_weights(model, config.MODEL.PRETRAINED, head='drop')
+    if pretrained and config.MODEL.PRETRAINED:
+        load_weights(model, config.MODEL.PRETRAINED, head='drop', logger=_logger)
     if config.TRAIN.USE_CHECKPOINT:
         model.set_grad_checkpointing()
     return model
@@ -276,38 +291,48 @@ def evaluate_with_ema(model: nn.Module, ema_model: Optional[nn.Module], loader, 
 
 
 def prepare_datasets(config: CfgNode, distributed: Distributed):
-    if config.DATA.DATASET == 'synthetic_shapes' and distributed.is_main:
-        ensure_synthetic_shapes(config.DATA.DATA_PATH, seed=config.SEED)
-    distributed.barrier()
+    _ensure_generated_data(config, distributed)
     train_set, val_set = build_datasets(config)
-    _logger.info('data: %d training and %d validation images in %d classes', len(train_set), len(val_set),
-                 len(train_set.classes))
+    _logger.info('data: training %s; validation %s', describe(train_set), describe(val_set))
     return train_set, val_set
 
 
-def evaluate_checkpoint(config: CfgNode, distributed: Distributed) -> Dict[str, float]:
-    """Accuracy of a checkpoint (this trainer's or the authors' format) and of its EMA weights, if it has them."""
+def _ensure_generated_data(config: CfgNode, distributed: Distributed):
+    if config.DATA.DATASET == 'synthetic_shapes' and distributed.is_main:
+        ensure_synthetic_shapes(config.DATA.DATA_PATH, seed=config.SEED)
+    distributed.barrier()
+
+
+def evaluate_checkpoint(config: CfgNode, distributed: Distributed) -> Dict:
+    """Accuracy of a checkpoint's weights (this trainer's or another's: the authors', a timm trainer's, a state
+    dict) and of its EMA weights where it has them, on the validation split alone; which of the two the checkpoint
+    calls best (``checkpoint_io.best_weights``, what every loader takes)."""
     if not config.MODEL.RESUME:
         raise ConfigError('--eval needs --resume CHECKPOINT')
-    _, val_set = prepare_datasets(config, distributed)
-    loader = build_val_loader(config, val_set, distributed.world_size, distributed.rank)
     checkpoint = load_checkpoint_file(config.MODEL.RESUME)
+    _ensure_generated_data(config, distributed)
+    val_set = build_val_dataset(config)
+    _logger.info('data: validation %s', describe(val_set))
+    loader = build_val_loader(config, val_set, distributed.world_size, distributed.rank)
     memory_format = torch.channels_last if config.TRAIN.CHANNELS_LAST else torch.preserve_format
 
     def model_from(key: Optional[str]) -> nn.Module:
-        model = build_model(config)
-        load_weights(model, checkpoint, head='fail', key=key)
+        model = build_model(config, pretrained=False)
+        load_weights(model, checkpoint, head='fail', key=key, logger=_logger, name=config.MODEL.RESUME)
         return model.to(distributed.device, memory_format=memory_format)
 
-    ema_model = model_from('model_ema') if checkpoint.get('model_ema') is not None else None
+    model_key, ema_key = weight_entries(checkpoint)
+    best_key, reason = best_weights(checkpoint)
     amp_dtype = resolve_amp(config.AMP, distributed.device)
-    metrics = evaluate_with_ema(model_from(None), ema_model, loader, distributed, amp_dtype,
-                                BatchPreparation(config, distributed.device))
+    metrics = evaluate_with_ema(model_from(model_key), model_from(ema_key) if model_key and ema_key else None, loader,
+                                distributed, amp_dtype, BatchPreparation(config, distributed.device))
     _logger.info('%s on %d images: acc@1 %.2f %%  acc@5 %.2f %%%s', config.MODEL.RESUME, metrics['images'],
                  metrics['acc1'], metrics['acc5'],
-                 f"  (EMA acc@1 {metrics['ema_acc1']:.2f} %  acc@5 {metrics['ema_acc5']:.2f} %)"
+                 f"  (EMA {ema_key!r} acc@1 {metrics['ema_acc1']:.2f} %  acc@5 {metrics['ema_acc5']:.2f} %)"
                  if 'ema_acc1' in metrics else '')
-    return metrics
+    if model_key and ema_key:
+        _logger.info('the weights the checkpoint calls best, which every loader takes: %s', reason)
+    return dict(metrics, checkpoint=config.MODEL.RESUME, best_weights=best_key)
 
 
 class _Interval:
@@ -345,12 +370,17 @@ class Trainer:
         if distributed.enabled and self.device.type == 'cuda':
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         elif distributed.enabled:
-            _logger.info('SyncBatchNorm needs CUDA: BatchNorm statistics stay per process on the CPU')
-        self.ema = ModelEmaV3(self.model, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLED else None
+            _logger.info('SyncBatchNorm needs CUDA: BatchNorm statistics stay per process on the CPU (rank 0\'s are '
+                         'broadcast before each evaluation)')
         self.train_model = self.model
         if distributed.enabled:
+            # broadcasts rank 0's weights (each rank drew its own initialisation, with seed SEED + rank)
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[distributed.local_rank] if self.device.type == 'cuda' else None)
+        # after the broadcast: every rank's EMA starts from the weights that every rank trains
+        self.ema = ModelEmaV3(self.model, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLED else None
+        # timm's EMA restarts from the weights at optimizer step 1; not when it holds a checkpoint's
+        self.ema_restarts = True
         if config.TRAIN.COMPILE:
             self.train_model = torch.compile(self.train_model)
 
@@ -376,17 +406,26 @@ class Trainer:
             self.writer = SummaryWriter(os.path.join(config.OUTPUT, 'tensorboard'))
 
     def resume(self, checkpoint: Dict, path: str):
-        """Continue from a checkpoint: this trainer's (weights, optimizer, EMA, epoch, random state), or weights only
-        (another run's, the authors'), for which training starts at TRAIN.START_EPOCH."""
-        load_weights(self.model, checkpoint, head='fail')
+        """Continue from a checkpoint: this trainer's (weights, optimizer, EMA, epoch, random state), or the weights
+        of any other (another trainer's, such as the authors', or a state dict), with their EMA weights where they
+        have some; training then starts at TRAIN.START_EPOCH."""
+        model_key, ema_key = weight_entries(checkpoint)
+        load_weights(self.model, checkpoint, head='fail', key=model_key, logger=_logger, name=path)
+        self.ema_restarts = False
         if self.ema is not None:
-            if checkpoint.get('model_ema') is not None:
-                load_weights(self.ema.module, checkpoint, head='fail', key='model_ema')
+            if ema_key is not None:
+                load_weights(self.ema.module, checkpoint, head='fail', key=ema_key, logger=_logger, name=path)
             else:
                 self.ema.set(self.model)
                 _logger.info('%s holds no EMA weights: the EMA starts from its weights', path)
-        if 'optimizer' not in checkpoint:
-            _logger.info('%s holds weights only: training starts at epoch %d', path, self.start_epoch + 1)
+        elif ema_key is not None:
+            _logger.info('%s holds EMA weights (%r), which this run does not keep (TRAIN.EMA.ENABLED False)', path,
+                         ema_key)
+        if not is_trainer_checkpoint(checkpoint):
+            kind = "another trainer's checkpoint" if 'optimizer' in checkpoint else 'weights only'
+            _logger.info('%s holds %s: its weights%s are loaded, and training starts at epoch %d with a new '
+                         'optimizer and schedule', path, kind, ' and EMA weights' if ema_key and self.ema else '',
+                         self.start_epoch + 1)
             return
         self.optimizer.load_state_dict(checkpoint['optimizer'])
         self._load_scaler(checkpoint.get('scaler') or {}, path)
@@ -521,10 +560,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step_update(global_step)
         if self.ema is not None:
-            self.ema.update(self.model, step=global_step)
+            self.ema.update(self.model, step=global_step if self.ema_restarts else None)
         return grad_norm
 
     def evaluate(self) -> Dict[str, float]:
+        if self.distributed.enabled:
+            # without SyncBatchNorm (on the CPU) each rank's BatchNorm statistics saw its own batches: every rank
+            # evaluates (and rank 0 saves) rank 0's, as the next training step would use them
+            distribute_bn(self.model, self.distributed.world_size, reduce=False)
+            if self.ema is not None:
+                distribute_bn(self.ema.module, self.distributed.world_size, reduce=False)
         return evaluate_with_ema(self.model, self.ema.module if self.ema else None, self.val_loader, self.distributed,
                                  self.amp_dtype, self.prepare)
 
@@ -538,10 +583,14 @@ class Trainer:
         for epoch in range(self.start_epoch, self.epochs):
             train_stats = self.train_one_epoch(epoch)
             metrics = self.evaluate()
-            weights = 'ema' if metrics.get('ema_acc1', -1.) > metrics['acc1'] else 'model'
-            accuracy1 = metrics['ema_acc1'] if weights == 'ema' else metrics['acc1']
-            best = dict(weights=weights, metric='acc1', value=accuracy1, epoch=epoch + 1) \
-                if accuracy1 > self.max_accuracy else None
+            # recorded in every checkpoint: the loaders take the higher-scoring weights (checkpoint_io.best_weights)
+            scores = dict(epoch=epoch + 1, metric='acc1', model=metrics['acc1'])
+            if 'ema_acc1' in metrics:
+                scores['model_ema'] = metrics['ema_acc1']
+            winner = higher_scoring(scores)
+            accuracy1 = scores[winner]
+            best = dict(weights='ema' if winner == 'model_ema' else 'model', metric='acc1', value=accuracy1,
+                        epoch=epoch + 1) if accuracy1 > self.max_accuracy else None
             self.max_accuracy = max(self.max_accuracy, accuracy1)
             _logger.info('epoch %d/%d: train loss %.4f, %.1f img/s; val acc@1 %.2f %% acc@5 %.2f %%%s; best %.2f %%',
                          epoch + 1, self.epochs, train_stats['loss'], train_stats['images_per_second'],
@@ -560,7 +609,7 @@ class Trainer:
             self.history.append(dict(epoch=epoch + 1, train_loss=train_stats['loss'],
                                      **{k: v for k, v in train_stats.items() if k != 'loss'},
                                      val_loss=metrics['loss'], **{k: v for k, v in metrics.items() if k != 'loss'}))
-            self.checkpointer.save(self.state(epoch), epoch, best, config.SAVE_FREQ,
+            self.checkpointer.save(dict(self.state(epoch), scores=scores), epoch, best, config.SAVE_FREQ,
                                    last_epoch=epoch + 1 == self.epochs)
         return dict(model=config.MODEL.NAME, epochs=self.epochs, max_accuracy=self.max_accuracy,
                     final=self.history[-1] if self.history else None, train_seconds_this_run=time.time() - started,
@@ -602,12 +651,12 @@ def measure_throughput(config: CfgNode, device: torch.device, amp_dtype: Optiona
 
 def run(args: argparse.Namespace) -> Optional[Dict]:
     config = load_config(args.cfg, args.opts, **{
-        'DATA.DATA_PATH': args.data_path, 'DATA.BATCH_SIZE': args.batch_size, 'OUTPUT': args.output,
-        'MODEL.RESUME': args.resume, 'TOKEN_LABEL.DATA': args.token_label_data,
+        'DATA.DATA_PATH': args.data_path, 'DATA.DATASET': args.dataset, 'DATA.BATCH_SIZE': args.batch_size,
+        'OUTPUT': args.output, 'MODEL.RESUME': args.resume, 'TOKEN_LABEL.DATA': args.token_label_data,
         'EVAL_MODE': args.eval or None, 'THROUGHPUT_MODE': args.throughput or None})
     distributed = Distributed()
     try:
-        result = run_job(config, distributed, args.batch_size)
+        result = run_job(config, distributed, args.batch_size, args.allow_config_change)
         # A gloo worker thread still releasing the last collective's tensors when the process group is destroyed
         # waits for the GIL, which the destructor holds while waiting for that thread: a deadlock at exit that hit
         # about one 2-process CPU run in ten. After a barrier every worker is idle.
@@ -617,14 +666,15 @@ def run(args: argparse.Namespace) -> Optional[Dict]:
         distributed.close()
 
 
-def run_job(config: CfgNode, distributed: Distributed, cli_batch_size: Optional[int]) -> Optional[Dict]:
+def run_job(config: CfgNode, distributed: Distributed, cli_batch_size: Optional[int] = None,
+            allow_config_change: bool = False) -> Optional[Dict]:
     seed = config.SEED + distributed.rank
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
 
     if config.THROUGHPUT_MODE:
-        setup_logging(config.OUTPUT, distributed)
+        setup_logging(config.OUTPUT, distributed, 'throughput_log.txt')
         amp_dtype = resolve_amp(config.AMP, distributed.device)
         batch_size = cli_batch_size or THROUGHPUT_BATCH
         images_per_second = measure_throughput(config, distributed.device, amp_dtype, batch_size)
@@ -634,19 +684,30 @@ def run_job(config: CfgNode, distributed: Distributed, cli_batch_size: Optional[
         return dict(throughput=images_per_second)
 
     if config.EVAL_MODE:
-        setup_logging(config.OUTPUT, distributed)
+        setup_logging(config.OUTPUT, distributed, 'eval_log.txt')
         return evaluate_checkpoint(config, distributed)
 
     latest = os.path.join(config.OUTPUT, 'latest.pth')
     resume_from = config.MODEL.RESUME or (latest if config.TRAIN.AUTO_RESUME and os.path.isfile(latest) else None)
     checkpoint = load_checkpoint_file(resume_from) if resume_from else None
-    if checkpoint is not None and 'optimizer' in checkpoint and checkpoint['epoch'] + 1 >= total_epochs(config):
+    resuming = checkpoint is not None and is_trainer_checkpoint(checkpoint)
+    changes = config_changes(checkpoint['config'], config) if resuming else []
+    if changes and not allow_config_change:
+        raise ConfigError(
+            f'{resume_from} is a run with another config: {_describe_changes(changes)}. Start a new run with another '
+            f'--output (from its weights alone: --opts MODEL.PRETRAINED {resume_from}), or pass '
+            f'--allow-config-change to continue this one with the new values. Without it a resumed run may change '
+            f'only where and how fast it runs, its length and its batch (classification/config.py: RESUMABLE_KEYS)')
+    if resuming and checkpoint['epoch'] + 1 >= total_epochs(config):
         setup_logging(None, distributed)  # nothing is written to a finished run's folder
         _logger.info('%s: all %d epochs are done, nothing to train (raise TRAIN.EPOCHS to continue)', resume_from,
                      total_epochs(config))
         return None
 
     setup_logging(config.OUTPUT, distributed)
+    if changes:
+        _logger.warning('%s was run with another config; continuing with the new values (--allow-config-change): %s',
+                        resume_from, _describe_changes(changes))
     _logger.info('config:\n%s', config.dump())
     if distributed.is_main:
         with open(os.path.join(config.OUTPUT, 'config.yaml'), 'w') as f:
@@ -665,6 +726,17 @@ def run_job(config: CfgNode, distributed: Distributed, cli_batch_size: Optional[
     return summary
 
 
+def _describe_changes(changes) -> str:
+    return '; '.join(f'{key} {before!r} -> {after!r}' for key, before, after in changes)
+
+
+def _message(error: Exception) -> str:
+    """An error's message. One raised in a loader worker arrives as the text of its traceback, whose last line is
+    'module.Type: message'."""
+    text = str(error)
+    return text.strip().splitlines()[-1].split(': ', 1)[-1] if 'Original Traceback' in text else text
+
+
 def main(argv: Optional[Sequence[str]] = None):
     args = parse_args(argv)
     try:
@@ -672,7 +744,7 @@ def main(argv: Optional[Sequence[str]] = None):
     except (ConfigError, DatasetError, CheckpointError, UnsafeCheckpointError, FileNotFoundError, FileExistsError,
             NonFiniteLossError) as error:
         # bad input (config, data, checkpoint) and a diverging run end with one line naming the problem
-        sys.exit(f'error: {error}')
+        sys.exit(f'error: {_message(error)}')
 
 
 if __name__ == '__main__':

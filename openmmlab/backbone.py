@@ -152,7 +152,8 @@ class PyramidBackbone(BaseModule):
         path = self.init_cfg['checkpoint']
         try:
             model_weights, norm_weights = self._split_checkpoint(load_from_local_restricted(path))
-            load_weights(self.model, model_weights, head='drop', ignore_keys=self._pruned_keys)
+            load_weights(self.model, model_weights, head='drop', ignore_keys=self._pruned_keys, logger=logger,
+                         name=path)
             self._load_norms(norm_weights)
         except CheckpointError as error:
             raise PretrainedCheckpointError(

@@ -1,4 +1,5 @@
 import argparse
+import logging
 import pickle
 
 import pytest
@@ -6,13 +7,22 @@ import safetensors.torch
 import timm
 import torch
 
-from classification.checkpoint_io import CheckpointError, UnsafeCheckpointError, load_checkpoint_file, load_weights
-from conftest import RunsShellCommand
+from classification.checkpoint_io import (CheckpointError, UnsafeCheckpointError, best_weights, load_checkpoint_file,
+                                          load_weights)
+from classification.config import load_config
+from classification.train import build_model
+from conftest import REPO_ROOT, RunsShellCommand
+
+# the forms of timm's ``pretrained`` that the README documents for this project's models, and timm's own loader
+DOCUMENTED_OVERLAYS = ['file', 'file+custom_load']
 
 
-def create(variant='fat_b0', path=None, custom_load=False, **kwargs):
-    overlay = dict(file=str(path), custom_load=custom_load)
-    return timm.create_model(variant, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+def create(variant='fat_b0', path=None, overlay='file', **kwargs):
+    """timm.create_model with pretrained weights from ``path``, through one of DOCUMENTED_OVERLAYS or, with
+    ``overlay='timm'``, through timm's own loader (``custom_load=False``)."""
+    options = {'file': {}, 'file+custom_load': dict(custom_load=True), 'timm': dict(custom_load=False)}[overlay]
+    return timm.create_model(variant, pretrained=True, pretrained_cfg_overlay=dict(file=str(path), **options),
+                             **kwargs)
 
 
 def logits(model, images):
@@ -20,17 +30,26 @@ def logits(model, images):
         return model.eval()(images)
 
 
-@pytest.fixture(scope='module')
-def trained_b0():
-    torch.manual_seed(0)
-    model = timm.create_model('fat_b0', num_classes=10).train()
+def b0_with_its_own_weights(seed: int, num_classes: int = 10) -> torch.nn.Module:
+    """A FAT-B0 whose every weight, the classifier included, differs from a freshly created one's (which timm would
+    leave in place of weights it did not load)."""
+    torch.manual_seed(seed)
+    model = timm.create_model('fat_b0', num_classes=num_classes).train()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
     model(torch.randn(4, 3, 64, 64))  # non-trivial BatchNorm statistics
     return model.eval()
 
 
+@pytest.fixture(scope='module')
+def trained_b0():
+    return b0_with_its_own_weights(seed=1)
+
+
 @pytest.mark.parametrize('fmt', ['state_dict.pth', 'training_checkpoint.pth', 'weights.safetensors'])
-@pytest.mark.parametrize('custom_load', [False, True])
-def test_round_trip_through_timm(tmp_path, trained_b0, fmt, custom_load):
+@pytest.mark.parametrize('overlay', DOCUMENTED_OVERLAYS)
+def test_round_trip_through_timm(tmp_path, trained_b0, fmt, overlay):
     path = tmp_path / fmt
     state_dict = trained_b0.state_dict()
     if fmt == 'weights.safetensors':
@@ -39,9 +58,84 @@ def test_round_trip_through_timm(tmp_path, trained_b0, fmt, custom_load):
         torch.save({'model': state_dict, 'epoch': 3, 'config': {'MODEL': {'NAME': 'fat_b0'}}}, path)
     else:
         torch.save(state_dict, path)
-    loaded = create(path=path, custom_load=custom_load, num_classes=10)
+    loaded = create(path=path, overlay=overlay, num_classes=10)
     images = torch.randn(2, 3, 72, 72)
     torch.testing.assert_close(logits(loaded, images), logits(trained_b0, images), rtol=0, atol=0)
+
+
+@pytest.fixture(scope='module')
+def trained_and_ema():
+    """The trained weights and, distinguishable from them in every tensor, their EMA: 10 classes each."""
+    return b0_with_its_own_weights(seed=1), b0_with_its_own_weights(seed=2)
+
+
+def write_checkpoint(path, trained, ema, layout: str):
+    """A checkpoint of ``layout``: this trainer's, recording which weights scored higher ('trainer, EMA best' /
+    'trainer, model best'), or a timm trainer's with EMA weights (the LVT authors')."""
+    if layout.startswith('trainer'):
+        scores = dict(epoch=3, metric='acc1', model=61.0, model_ema=62.5)
+        if layout == 'trainer, model best':
+            scores.update(model=63.0)
+        torch.save(dict(model=trained.state_dict(), model_ema=ema.state_dict(), scores=scores, epoch=2,
+                        max_accuracy=max(scores['model'], scores['model_ema']), optimizer={}), path)
+    else:
+        torch.save(dict(state_dict=trained.state_dict(), state_dict_ema=ema.state_dict(), epoch=2, arch='fat_b0',
+                        optimizer={}, args=argparse.Namespace(model_ema=True)), path)
+    return path
+
+
+def loaded_by(path, route: str) -> torch.nn.Module:
+    """FAT-B0 with 10 classes, loaded from ``path`` through one of the project's documented loading routes."""
+    if route in DOCUMENTED_OVERLAYS:
+        return create(path=path, overlay=route, num_classes=10)
+    if route == 'load_weights':
+        return load_weights(timm.create_model('fat_b0', num_classes=10), path, head='drop')
+    if route == 'MODEL.PRETRAINED':
+        return build_model(load_config(str(REPO_ROOT / 'configs' / 'classification' / 'fat_b0.yaml'),
+                                       ['MODEL.PRETRAINED', str(path), 'MODEL.NUM_CLASSES', '10']))
+    from classification.export_onnx import build_model as export_model
+    return export_model('fat_b0', path, deploy=False)
+
+
+@pytest.mark.parametrize('route', [*DOCUMENTED_OVERLAYS, 'load_weights', 'MODEL.PRETRAINED', 'export'])
+@pytest.mark.parametrize('layout, winner', [('trainer, EMA best', 'ema'), ('trainer, model best', 'model'),
+                                            ('timm trainer with EMA', 'ema')])
+def test_every_loader_takes_the_weights_the_checkpoint_calls_best(tmp_path, trained_and_ema, caplog, route, layout,
+                                                                   winner):
+    trained, ema = trained_and_ema
+    path = write_checkpoint(tmp_path / 'checkpoint.pth', trained, ema, layout)
+    with caplog.at_level(logging.INFO):
+        model = loaded_by(path, route)
+    images = torch.randn(2, 3, 64, 64)
+    expected = ema if winner == 'ema' else trained
+    torch.testing.assert_close(logits(model, images), logits(expected, images), rtol=0, atol=0)
+    key = {'trainer, EMA best': 'model_ema', 'trainer, model best': 'model', 'timm trainer with EMA': 'state_dict_ema'}
+    assert f"loaded {path}: the {'EMA' if winner == 'ema' else 'trained'} weights, '{key[layout]}'" in caplog.text
+
+
+def test_the_openmmlab_backbone_takes_the_best_weights(tmp_path, trained_and_ema):
+    from openmmlab.backbone import FATBackbone
+
+    trained, ema = trained_and_ema
+    path = write_checkpoint(tmp_path / 'checkpoint.pth', trained, ema, 'trainer, EMA best')
+    backbone = FATBackbone('fat_b0', init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    backbone.init_weights()
+    for key, value in backbone.model.state_dict().items():
+        assert torch.equal(value, ema.state_dict()[key]), key
+
+
+def test_which_weights_a_checkpoint_calls_best(trained_and_ema):
+    weights = trained_and_ema[0].state_dict()
+    assert best_weights(weights) == (None, 'a state dict')
+    assert best_weights(dict(model=weights, epoch=1))[0] == 'model'
+    assert best_weights(dict(model=weights, model_ema=None))[0] == 'model'  # a run without EMA
+    # this trainer's checkpoints before they recorded both scores: the winner of a best epoch
+    assert best_weights(dict(model=weights, model_ema=weights, best=dict(weights='ema', value=1.)))[0] == 'model_ema'
+    tie = dict(model=weights, model_ema=weights, scores=dict(model=50., model_ema=50.))
+    assert best_weights(tie)[0] == 'model'
+    # nothing says the EMA scored higher (DeiT's checkpoints, say): the trained weights
+    assert best_weights(dict(model=weights, model_ema=weights))[0] == 'model'
+    assert best_weights(dict(state_dict=weights, state_dict_ema=weights))[0] == 'state_dict_ema'
 
 
 def test_official_format_reads_as_plain_data(reference_dir):
@@ -51,28 +145,33 @@ def test_official_format_reads_as_plain_data(reference_dir):
 
 
 def test_official_format_with_new_classifier_keeps_body(reference_dir):
-    model = create(path=reference_dir / 'fat_b0_official_format.pth', custom_load=True, num_classes=10)
+    model = create(path=reference_dir / 'fat_b0_official_format.pth', num_classes=10)
     official = load_checkpoint_file(reference_dir / 'fat_b0_official_format.pth')['model']
     torch.testing.assert_close(model.stem.conv1.conv.weight, official['patch_embed.conv1.conv.0.weight'])
     torch.testing.assert_close(model.norm_pre.bias, official['norm.bias'])
     assert model.get_classifier().weight.shape == (10, 256)
 
 
-def test_official_format_needs_custom_load(reference_dir):
+def test_official_format_loads_through_every_documented_form(reference_dir):
+    path = reference_dir / 'fat_b0_official_format.pth'
+    images = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(logits(create(path=path, overlay='file'), images),
+                               logits(create(path=path, overlay='file+custom_load'), images), rtol=0, atol=0)
+    # timm's own loader, which nothing documents, refuses the authors' pickled config
     with pytest.raises(RuntimeError, match='weights_only'):
-        create(path=reference_dir / 'fat_b0_official_format.pth')
+        create(path=path, overlay='timm')
 
 
 def test_wrong_variant_is_named(reference_dir, tmp_path, trained_b0):
     with pytest.raises(ValueError, match='another variant'):
-        create('fat_b1', path=reference_dir / 'fat_b0_official_format.pth', custom_load=True)
+        create('fat_b1', path=reference_dir / 'fat_b0_official_format.pth')
     torch.save(trained_b0.state_dict(), tmp_path / 'b0.pth')
-    for custom_load in (False, True):
+    for overlay in (*DOCUMENTED_OVERLAYS, 'timm'):
         with pytest.raises(ValueError, match=r'another variant.*stem\.conv1\.conv\.weight'):
-            create('fat_b1', path=tmp_path / 'b0.pth', custom_load=custom_load, num_classes=10)
+            create('fat_b1', path=tmp_path / 'b0.pth', overlay=overlay, num_classes=10)
     torch.save(timm.create_model('fat_b3').state_dict(), tmp_path / 'b3.pth')
     with pytest.raises(ValueError, match='another variant'):
-        create('fat_b2', path=tmp_path / 'b3.pth', custom_load=True)
+        create('fat_b2', path=tmp_path / 'b3.pth')
 
 
 def test_not_a_checkpoint(tmp_path):
@@ -84,15 +183,15 @@ def test_not_a_checkpoint(tmp_path):
         load_checkpoint_file(tmp_path / 'missing.pth')
 
 
-@pytest.mark.parametrize('custom_load', [False, True])
-def test_malicious_checkpoint_is_refused_without_side_effect(tmp_path, trained_b0, custom_load):
+@pytest.mark.parametrize('overlay', [*DOCUMENTED_OVERLAYS, 'timm'])
+def test_malicious_checkpoint_is_refused_without_side_effect(tmp_path, trained_b0, overlay):
     marker = tmp_path / 'payload_ran'
     path = tmp_path / 'malicious.pth'
     torch.save({'model': trained_b0.state_dict(), 'config': RunsShellCommand(f'touch {marker}')}, path)
     with pytest.raises((pickle.UnpicklingError, RuntimeError)) as refusal:
-        create(path=path, custom_load=custom_load, num_classes=10)
+        create(path=path, overlay=overlay, num_classes=10)
     assert 'system' in str(refusal.value)
-    if custom_load:
+    if overlay != 'timm':
         assert isinstance(refusal.value, UnsafeCheckpointError)
     assert not marker.exists()
 

@@ -1,18 +1,25 @@
 """LVT: the authors' model (golden data), timm's interface, token labelling through the trainer."""
 import argparse
 import json
+import logging
 import math
+import random
 import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision import transforms
 
 from classification.checkpoint_io import UnsafeCheckpointError, load_checkpoint_file
 from classification.config import ConfigError, load_config
-from classification.data import build_datasets
+from classification.data import CropFlipWithBox, build_datasets
 from classification.lvt import _swap_box, checkpoint_filter_fn
 from classification.model_table import count_flops, count_params
 from classification.token_labelling import TokenLabelLoss, dense_targets
@@ -163,6 +170,95 @@ def test_mix_token_swaps_a_box_and_back():
     assert model(same).shape == (2, 5)  # evaluation predicts as without token labelling
 
 
+def test_mix_token_mixes_inside_a_box_of_the_token_grid():
+    """With a box that is neither empty nor whole: the class token sees each image with the box's stem features
+    taken from the batch-flipped image; each patch token's logits go back to the image whose features it saw."""
+    model = timm.create_model('lvt_cls', num_classes=5, return_dense=True, mix_token=True).train()
+    plain = timm.create_model('lvt_cls', num_classes=5, return_dense=True).train()
+    plain.load_state_dict(model.state_dict())
+    images = torch.randn(3, 3, 128, 128)  # a 4 x 4 token grid, stride 32; the stem's features at stride 4
+    for seed in range(20):
+        torch.manual_seed(seed)
+        cls_logits, patch_logits, (x0, y0, x1, y1) = model(images)
+        if 0 < (x1 - x0) * (y1 - y0) < 16:
+            break
+    assert 0 < (x1 - x0) * (y1 - y0) < 16
+
+    def mix_stem_features(module, inputs, features):  # (B, H, W, C), the box by hand, 8 stem places per token
+        mixed = features.clone()
+        mixed[:, 8 * x0:8 * x1, 8 * y0:8 * y1] = features[[2, 1, 0], 8 * x0:8 * x1, 8 * y0:8 * y1]
+        return mixed
+    plain.stem.register_forward_hook(mix_stem_features)
+    expected_cls, expected_patches, _ = plain(images)
+    torch.testing.assert_close(cls_logits, expected_cls)
+    back = expected_patches.clone()
+    back[:, x0:x1, y0:y1] = expected_patches[[2, 1, 0], x0:x1, y0:y1]
+    torch.testing.assert_close(patch_logits, back)
+    assert not torch.allclose(patch_logits[0, x0:x1, y0:y1], expected_patches[0, x0:x1, y0:y1])
+
+
+def gradient_image(width: int, height: int) -> Image.Image:
+    """Red grows with x, green with y: every pixel says where it is."""
+    x = torch.arange(width)[None, :].expand(height, -1) * 255 // (width - 1)
+    y = torch.arange(height)[:, None].expand(-1, width) * 255 // (height - 1)
+    return Image.fromarray(torch.stack([x, y, torch.zeros_like(x)], -1).to(torch.uint8).numpy())
+
+
+def test_crop_and_flip_report_where_the_crop_lies():
+    image = gradient_image(24, 24)
+    whole = CropFlipWithBox(transforms.Compose([
+        RandomResizedCropAndInterpolation(24, scale=(1., 1.), ratio=(1., 1.), interpolation='bicubic'),
+        transforms.RandomHorizontalFlip(p=1.)]))
+    cropped, box, flipped = whole(image)
+    assert flipped and box.tolist() == [0., 0., 1., 1.]
+    pixels, mirrored = np.asarray(cropped), np.asarray(image)[:, ::-1]
+    assert (pixels == mirrored).all()  # the whole image at its own size, mirrored
+
+    # a random crop: the reported box, cut out and resized by hand, is the crop
+    random_crop = CropFlipWithBox(transforms.Compose([
+        RandomResizedCropAndInterpolation(12, scale=(0.1, 0.5), interpolation='bilinear'),
+        transforms.RandomHorizontalFlip(p=0.5)]))
+    image = gradient_image(40, 30)
+    seen = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        cropped, box, flipped = random_crop(image)
+        left, top, right, bottom = (box * torch.tensor([40, 30, 40, 30])).round().int().tolist()
+        assert 0 <= left < right <= 40 and 0 <= top < bottom <= 30 and (right - left) * (bottom - top) < 0.51 * 1200
+        expected = image.crop((left, top, right, bottom)).resize((12, 12), Image.BILINEAR)
+        if flipped:
+            expected = expected.transpose(Image.FLIP_LEFT_RIGHT)
+        assert np.abs(np.asarray(cropped).astype(int) - np.asarray(expected).astype(int)).max() <= 1
+        seen.add(bool(flipped))
+    assert seen == {False, True}
+
+
+def test_token_label_items_carry_their_score_map_and_crop(tmp_path):
+    data = write_image_folder(tmp_path / 'data', 2, 1)
+    score_maps = write_score_maps(data, tmp_path / 'score_maps', 3)
+    config = load_config(LVT_CONFIG, ['MODEL.NUM_CLASSES', '3', 'DATA.IMG_SIZE', '32', 'AUG.AUTO_AUGMENT', 'none',
+                                      'AUG.REPROB', '0.', 'AUG.COLOR_JITTER', '0.'],
+                         **{'DATA.DATA_PATH': str(data), 'TOKEN_LABEL.DATA': str(score_maps)})
+    train, _ = build_datasets(config)
+    for index, path in enumerate(train.reader.filenames(absolute=True)):
+        label = train.classes.index(Path(path).parent.name)
+        torch.manual_seed(index)
+        random.seed(index)
+        image, (target, score_map, box, flipped), corrupt = train[index]
+        folder, name = Path(path).parent.name, Path(path).stem
+        assert target == label and corrupt == 0 and image.shape == (3, 32, 32)
+        assert torch.equal(score_map, torch.load(score_maps / folder / f'{name}.pt').float())
+        # the crop the box reports, by hand, is the image (normalised) the item holds
+        left, top, right, bottom = (box * 40).round().int().tolist()
+        expected = Image.open(path).convert('RGB').crop((left, top, right, bottom)).resize((32, 32), Image.BICUBIC)
+        if flipped:
+            expected = expected.transpose(Image.FLIP_LEFT_RIGHT)
+        expected = transforms.functional.normalize(transforms.functional.to_tensor(expected),
+                                                   IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+        assert (image - expected).abs().max() < 0.05
+
+
 def test_dense_targets_follow_the_crop_and_the_flip():
     """A score map whose left half says class 0 and right half class 1."""
     score_map = torch.zeros(2, 1, 4, 8)
@@ -187,6 +283,34 @@ def test_token_label_loss_weights():
     expected = torch.nn.functional.cross_entropy(cls_logits, labels) + 0.5 * torch.nn.functional.cross_entropy(
         patch_logits.flatten(1, 2).transpose(1, 2), labels[:, None].expand(2, 4))
     torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize('with_score_maps', [False, True])
+@pytest.mark.parametrize('box', [(0, 0, 0, 0), (1, 0, 3, 2)])
+def test_token_label_loss_equals_lv_vits(with_score_maps, box):
+    """The loss equals that of LV-ViT's ``tlt`` package (which no run imports any more), with and without score
+    maps, without and with a MixToken box (4 of the 12 tokens mixed)."""
+    tlt_loss = pytest.importorskip('tlt.loss')
+    torch.manual_seed(0)
+    cls_logits, patch_logits = torch.randn(4, 5), torch.randn(4, 3, 4, 5)
+    labels = torch.tensor([0, 2, 4, 1])
+    loss = TokenLabelLoss(5, cls_weight=1.0, dense_weight=0.5, smoothing=0.1)
+    if with_score_maps:
+        score_maps = torch.cat([torch.rand(4, 1, 2, 6, 6) * 5, torch.randint(0, 5, (4, 1, 2, 6, 6)).float()], 1)
+        targets = (labels, score_maps, torch.tensor([[0., 0., 1., 1.], [.25, 0., 1., .5], [0., .5, .5, 1.],
+                                                      [.1, .2, .9, .8]]), torch.tensor([False, True, False, True]))
+        reference = dense_targets(*targets, grid=(3, 4), num_classes=5, smoothing=0.1)
+    else:
+        targets = labels
+        reference = torch.full((4, 5), 0.1 / 5).scatter_(1, labels[:, None], 1 - 0.1 + 0.1 / 5)
+    expected = tlt_loss.TokenLabelCrossEntropy(dense_weight=0.5, cls_weight=1.0, mixup_active=False, classes=5)(
+        (cls_logits, patch_logits.flatten(1, 2), box), reference)
+    torch.testing.assert_close(loss((cls_logits, patch_logits, box), targets), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_no_run_imports_tlt():
+    code = 'import sys, classification.train; assert "tlt" not in sys.modules, "tlt was imported"'
+    run_ok([sys.executable, '-c', code])
 
 
 def test_config_checks():
@@ -240,6 +364,25 @@ def test_missing_score_maps_are_named(tmp_path):
                                                                     'TOKEN_LABEL.DATA': str(score_maps)})
     with pytest.raises(ValueError, match=r'1 of 6 training images have no score map .*bar/1\.png'):
         build_datasets(config)
+
+
+def test_corrupt_score_maps_are_skipped_and_counted(tmp_path, caplog):
+    data = write_image_folder(tmp_path / 'data', 2, 1)
+    score_maps = write_score_maps(data, tmp_path / 'score_maps', 3)
+    (score_maps / 'bar' / '1.pt').write_bytes((score_maps / 'bar' / '1.pt').read_bytes()[:100])  # cut short
+    torch.save(torch.zeros(3, 4), score_maps / 'noise' / '0.pt')  # not (2, k, H, W)
+    config = load_config(LVT_CONFIG, ['MODEL.NUM_CLASSES', '3', 'DATA.IMG_SIZE', '32'],
+                         **{'DATA.DATA_PATH': str(data), 'TOKEN_LABEL.DATA': str(score_maps)})
+    train, _ = build_datasets(config)
+    with caplog.at_level(logging.WARNING):
+        items = [train[i] for i in range(len(train))]
+    # classes bar, disc, noise: bar/1 is replaced by disc/0, noise/0 by noise/1
+    assert [item[2] for item in items] == [0, 1, 0, 0, 1, 0]
+    assert [item[1][0] for item in items] == [0, 1, 1, 1, 2, 2]
+    assert f'corrupt sample skipped: {data}/train/bar/1.png: its score map {score_maps}/bar/1.pt is unreadable' \
+        in caplog.text
+    assert f'{score_maps}/noise/0.pt is not a tensor of shape (2, k, H, W) (top-k scores, then their class indices)' \
+        ' but (3, 4)' in caplog.text
 
 
 @pytest.mark.slow

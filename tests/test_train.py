@@ -1,7 +1,12 @@
+import argparse
 import csv
+import functools
+import io
 import json
+import logging
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -10,17 +15,20 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import pytest
 import timm
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS, AugmentOp
+from torch.utils.data import DistributedSampler
 
 from classification.checkpoint_io import load_checkpoint_file
 from classification.config import get_defaults, load_config
-from classification.data import DeviceNormalize, build_datasets, build_transform
-from classification.train import Distributed, Trainer, build_model, build_scheduler, main, scaled_learning_rates
+from classification.data import DeviceNormalize, EpochSampler, SeededSamples, build_datasets, build_transform
+from classification.train import (Distributed, Trainer, build_model, build_scheduler, main, parse_args, run,
+                                  scaled_learning_rates)
 from conftest import REPO_ROOT, assert_reported_accuracy_matches, run_ok, write_image_folder
 
 B0_CONFIG = str(REPO_ROOT / 'configs' / 'classification' / 'fat_b0.yaml')
@@ -29,12 +37,38 @@ TINY = ['DATA.IMG_SIZE', '32', 'DATA.NUM_WORKERS', '0', 'DATA.PIN_MEMORY', 'Fals
         'TRAIN.WARMUP_EPOCHS', '1', 'TRAIN.EMA.ENABLED', 'True', 'PRINT_FREQ', '1']
 
 
-def train_command(data: Path, output: Path, *opts: str, nproc: int = 1):
-    launcher = [sys.executable, '-m']
+def train_command(data: Path, output: Path, *opts: str, nproc: int = 1, script: Optional[Path] = None):
+    """The trainer's command line (through ``script``, a file that ends by calling ``train.main``, if given)."""
+    launcher = [sys.executable]
     if nproc > 1:
-        launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc), '-m']
-    return launcher + ['classification.train', '--cfg', B0_CONFIG, '--data-path', str(data), '--output', str(output),
-                       '--opts', *TINY, *opts]
+        launcher += ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc)]
+    launcher += [str(script)] if script else ['-m', 'classification.train']
+    return launcher + ['--cfg', B0_CONFIG, '--data-path', str(data), '--output', str(output), '--opts', *TINY, *opts]
+
+
+# Run as a script, the trainer saves each rank's weights and EMA weights as it builds them and when it is done:
+# rank<R>_start.pth, rank<R>_end.pth in its output folder.
+WEIGHTS_PER_RANK = f"""
+import os, sys
+import torch
+sys.path.insert(0, {str(REPO_ROOT)!r})
+from classification import train
+
+def save_weights(trainer, moment):
+    weights = dict(model=trainer.model.state_dict(), ema=trainer.ema.module.state_dict())
+    torch.save(weights, os.path.join(trainer.config.OUTPUT, f'rank{{trainer.distributed.rank}}_{{moment}}.pth'))
+
+build, fit = train.Trainer.__init__, train.Trainer.fit
+def build_and_save(self, *args):
+    build(self, *args)
+    save_weights(self, 'start')
+def fit_and_save(self):
+    summary = fit(self)
+    save_weights(self, 'end')
+    return summary
+train.Trainer.__init__, train.Trainer.fit = build_and_save, fit_and_save
+train.main(sys.argv[1:])
+"""
 
 
 def exit_message(*argv) -> str:
@@ -113,6 +147,17 @@ def test_learning_rate_schedule_at_key_epochs(world_size, per_gpu_batch):
 # ---- bad input ------------------------------------------------------------------------------------------------
 
 
+def test_malformed_config_files_are_one_line(tmp_path):
+    malformed = tmp_path / 'malformed.yaml'
+    malformed.write_text('MODEL:\n  NAME: fat_b0\n TRAIN: [\n')
+    message = exit_message('--cfg', str(malformed))
+    assert message.startswith(f'error: {malformed} is not valid YAML: ') and '\n' not in message
+    for content, kind in (('- MODEL\n- TRAIN\n', 'list'), ('fat_b0\n', 'str')):
+        malformed.write_text(content)
+        assert exit_message('--cfg', str(malformed)) == (
+            f'error: {malformed}: a config file holds a mapping of keys (MODEL:, TRAIN:, ...), this one a {kind}')
+
+
 def test_config_errors_name_the_key(tmp_path):
     assert 'TRAIN.EPOCH' in exit_message('--cfg', B0_CONFIG, '--opts', 'TRAIN.EPOCH', '2')
     assert 'DATA.IMG_SIZE' in exit_message('--cfg', B0_CONFIG, '--opts', 'DATA.IMG_SIZE', 'large')
@@ -138,6 +183,39 @@ def test_data_errors_are_one_line(tmp_path):
     (mismatched / 'val' / 'bar').rename(mismatched / 'val' / 'rod')
     message = exit_message('--data-path', str(mismatched), *common)
     assert 'differ' in message and "only in train: ['bar']" in message and "only in val: ['rod']" in message
+
+
+def unreadable_images(folder: Path):
+    """Image files (PIL reads a file's format from its content, whatever its extension) on which PIL's decoders
+    fail with errors other than OSError: a QOI image cut inside its header (IndexError) and a DDS image with
+    unknown pixel-format flags (NotImplementedError)."""
+    image = Image.new('RGB', (8, 8), (255, 0, 0))
+    qoi, dds = io.BytesIO(), io.BytesIO()
+    image.save(qoi, 'QOI')
+    image.save(dds, 'DDS')
+    dds = bytearray(dds.getvalue())
+    dds[80:84] = (0x40000000).to_bytes(4, 'little')
+    (folder / 'cut.png').write_bytes(qoi.getvalue()[:13])
+    (folder / 'odd.png').write_bytes(bytes(dds))
+    return folder / 'cut.png', folder / 'odd.png'
+
+
+def test_any_decoding_error_skips_the_image(tmp_path, caplog):
+    data = write_image_folder(tmp_path / 'data', 2, 1)
+    errors = []
+    for path in unreadable_images(data / 'train' / 'disc'):
+        with pytest.raises(Exception) as error:
+            Image.open(path).convert('RGB')
+        errors.append(type(error.value))
+    assert errors == [IndexError, NotImplementedError]
+    train, _ = build_datasets(load_config(B0_CONFIG, TINY, **{'DATA.DATA_PATH': str(data)}))
+    assert len(train) == 8
+    with caplog.at_level(logging.WARNING):
+        items = [train[i] for i in range(len(train))]
+    # the item of cut.png skips it and odd.png, the one after it; the item of odd.png skips odd.png
+    assert [item[2] for item in items] == [0, 0, 0, 0, 2, 1, 0, 0]  # classes bar, disc, noise
+    assert all(item[0].shape == (3, 32, 32) for item in items)
+    assert 'cut.png (IndexError: ' in caplog.text and 'odd.png (NotImplementedError: ' in caplog.text
 
 
 @pytest.mark.parametrize('print_freq, where', [(1, 'step 1/3'), (3, 'steps 1-3/3')])
@@ -184,7 +262,25 @@ def test_training_loop_reads_the_device_once_per_report(tmp_path, monkeypatch):
 def test_two_process_ddp_with_corrupt_images_then_eval(tmp_path):
     data = write_image_folder(tmp_path / 'data', 6, 3, corrupt=True)
     output = tmp_path / 'ddp'
-    run_ok(train_command(data, output, 'TRAIN.EPOCHS', '2', 'DATA.BATCH_SIZE', '4', 'PRINT_FREQ', '2', nproc=2))
+    script = tmp_path / 'train_saving_weights_per_rank.py'
+    script.write_text(WEIGHTS_PER_RANK)
+    run_ok(train_command(data, output, 'TRAIN.EPOCHS', '2', 'DATA.BATCH_SIZE', '4', 'PRINT_FREQ', '2', nproc=2,
+                         script=script))
+
+    # every rank's EMA starts from the weights every rank trains (rank 0's, broadcast by DDP), and stays equal to
+    # the others': BatchNorm statistics included, which on the CPU (no SyncBatchNorm) are rank 0's from each
+    # evaluation on
+    for moment in ('start', 'end'):
+        ranks = [load_checkpoint_file(output / f'rank{rank}_{moment}.pth') for rank in (0, 1)]
+        for key, value in ranks[0]['ema'].items():
+            assert torch.equal(value, ranks[1]['ema'][key]), (moment, key)
+            assert torch.equal(ranks[0]['model'][key], ranks[1]['model'][key]), (moment, key)
+    start, end = (load_checkpoint_file(output / f'rank0_{moment}.pth') for moment in ('start', 'end'))
+    assert all(torch.equal(value, start['model'][key]) for key, value in start['ema'].items())
+    assert not torch.equal(end['ema']['head.fc.weight'], start['ema']['head.fc.weight'])
+    assert torch.equal(load_checkpoint_file(output / 'latest.pth')['model_ema']['head.fc.weight'],
+                       end['ema']['head.fc.weight'])
+
     summary = json.loads((output / 'summary.json').read_text())
     assert summary['world_size'] == 2 and summary['global_batch'] == 8
     assert [entry['epoch'] for entry in summary['history']] == [1, 2]
@@ -205,14 +301,19 @@ def test_two_process_ddp_with_corrupt_images_then_eval(tmp_path):
     assert [event.step for event in scalars.Scalars('train/loss')] == [2, 4]  # optimizer steps
     assert [event.step for event in scalars.Scalars('val/acc1')] == [2, 4]
 
-    # --eval of this trainer's checkpoint reports what the checkpoint's own logits give
-    result = run_ok([sys.executable, '-m', 'classification.train', '--cfg', B0_CONFIG, '--data-path', str(data),
-                     '--output', str(tmp_path / 'eval'), '--eval', '--resume', str(output / 'latest.pth'),
-                     '--opts', *TINY])
-    accuracy = re.search(r'on 9 images: acc@1 ([\d.]+) %', result.stdout)
-    assert accuracy and float(accuracy.group(1)) == pytest.approx(summary['final']['acc1'], abs=0.01)
-    assert float(accuracy.group(1)) == pytest.approx(top1_of_checkpoint(output / 'latest.pth', data), abs=0.01)
-    assert 'EMA acc@1' in result.stdout
+    # --eval of this trainer's checkpoint reports what the checkpoint's own logits give, on 2 processes as on 1
+    for nproc in (1, 2):
+        evaluation = tmp_path / f'eval_{nproc}'
+        command = train_command(data, evaluation, nproc=nproc)
+        command[command.index('--opts'):command.index('--opts')] = ['--eval', '--resume', str(output / 'latest.pth')]
+        result = run_ok(command)
+        accuracy = re.search(r'on 9 images: acc@1 ([\d.]+) %', result.stdout)
+        assert accuracy and float(accuracy.group(1)) == pytest.approx(summary['final']['acc1'], abs=0.01)
+        assert float(accuracy.group(1)) == pytest.approx(top1_of_checkpoint(output / 'latest.pth', data), abs=0.01)
+        ema_accuracy = re.search(r"\(EMA 'model_ema' acc@1 ([\d.]+) %", result.stdout)
+        assert ema_accuracy and float(ema_accuracy.group(1)) == pytest.approx(summary['final']['ema_acc1'], abs=0.01)
+        assert 'the weights the checkpoint calls best, which every loader takes: the ' in result.stdout
+        assert (evaluation / 'eval_log.txt').is_file() and not (evaluation / 'log.txt').exists()
 
 
 def top1_of_checkpoint(checkpoint: Path, data: Path) -> float:
@@ -242,6 +343,161 @@ def test_eval_of_authors_checkpoint(tmp_path, reference_dir):
     assert_reported_accuracy_matches(result.stdout, model, val)
 
 
+# Run as a script, the trainer records, before each batch's forward pass, how many gradient buckets DDP has
+# all-reduced so far (rank<R>_syncs.json in its output folder).
+SYNCS_PER_BATCH = f"""
+import json, os, sys
+sys.path.insert(0, {str(REPO_ROOT)!r})
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from classification import train
+
+build = train.Trainer.__init__
+def build_and_count(self, *args):
+    build(self, *args)
+    reduced, before_batches = [0], []
+    def counting_allreduce(state, bucket):
+        reduced[0] += 1
+        return allreduce_hook(state, bucket)
+    self.train_model.register_comm_hook(None, counting_allreduce)
+    criterion = self.criterion
+    def recording_criterion(*inputs):
+        before_batches.append(reduced[0])
+        return criterion(*inputs)
+    self.criterion = recording_criterion
+    self.before_batches = before_batches
+fit = train.Trainer.fit
+def fit_and_save(self):
+    summary = fit(self)
+    with open(os.path.join(self.config.OUTPUT, f'rank{{self.distributed.rank}}_syncs.json'), 'w') as f:
+        json.dump(self.before_batches, f)
+    return summary
+train.Trainer.__init__, train.Trainer.fit = build_and_count, fit_and_save
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_under_ddp_syncs_once_per_step(tmp_path):
+    """TRAIN.ACCUMULATION_STEPS 2 on 2 processes: DDP all-reduces the gradients on the second batch of each step
+    only (no_sync on the first), and the processes' weights stay equal."""
+    data = write_image_folder(tmp_path / 'data', 4, 1)
+    script = tmp_path / 'train_counting_syncs.py'
+    script.write_text(SYNCS_PER_BATCH)
+    output = tmp_path / 'run'
+    run_ok(train_command(data, output, 'TRAIN.EPOCHS', '2', 'DATA.BATCH_SIZE', '2', 'TRAIN.ACCUMULATION_STEPS', '2',
+                         'PRINT_FREQ', '2', nproc=2, script=script))
+    for rank in (0, 1):
+        before_batches = json.loads((output / f'rank{rank}_syncs.json').read_text())
+        buckets = before_batches[2]
+        assert buckets > 0 and before_batches == [0, 0, buckets, buckets]  # 2 batches of 2 per step, 1 step of 4
+    summary = json.loads((output / 'summary.json').read_text())
+    assert summary['global_batch'] == 8 and [entry['epoch'] for entry in summary['history']] == [1, 2]
+
+
+def b0_predicting(label: int, seed: int) -> torch.nn.Module:
+    """A FAT-B0 for 3 classes that predicts ``label`` for every image."""
+    torch.manual_seed(seed)
+    model = timm.create_model('fat_b0', num_classes=3)
+    with torch.no_grad():
+        model.get_classifier().bias[label] = 1e4
+    return model.eval()
+
+
+def foreign_checkpoint(path: Path, trained: torch.nn.Module, ema: torch.nn.Module) -> Path:
+    """A checkpoint of timm's trainer, as the LVT authors' (with an optimizer, EMA weights, no best accuracy)."""
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.1, momentum=0.9)
+    trained(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    torch.save(dict(epoch=5, arch='fat_b0', state_dict=trained.state_dict(), state_dict_ema=ema.state_dict(),
+                    optimizer=optimizer.state_dict(), version=2, args=argparse.Namespace(model_ema=True)), path)
+    return path
+
+
+@pytest.mark.parametrize('layout', ['this trainer', 'timm trainer'])
+def test_eval_needs_only_the_validation_split_and_reports_the_best_weights(tmp_path, layout):
+    data = write_image_folder(tmp_path / 'data', 1, 4)
+    shutil.rmtree(data / 'train')
+    for image in ('2.png', '3.png'):
+        (data / 'val' / 'noise' / image).unlink()  # 4, 4 and 2 images: each class gives another accuracy
+    classes = sorted(path.name for path in (data / 'val').iterdir())
+    trained, ema = b0_predicting(classes.index('disc'), seed=1), b0_predicting(classes.index('noise'), seed=2)
+    checkpoint = tmp_path / 'checkpoint.pth'
+    if layout == 'this trainer':
+        torch.save(dict(model=trained.state_dict(), model_ema=ema.state_dict(), epoch=0, max_accuracy=40.,
+                        scores=dict(epoch=1, metric='acc1', model=40., model_ema=20.)), checkpoint)
+    else:
+        foreign_checkpoint(checkpoint, trained, ema)
+    output = tmp_path / 'eval'
+    result = run(parse_args(['--cfg', B0_CONFIG, '--data-path', str(data), '--output', str(output), '--eval',
+                             '--resume', str(checkpoint), '--opts', *TINY]))
+    assert (result['images'], result['acc1'], result['ema_acc1']) == (10, 40., 20.)
+    log = (output / 'eval_log.txt').read_text()
+    assert f'{checkpoint} on 10 images: acc@1 40.00 %  acc@5 100.00 %  (EMA ' in log
+    best = 'model' if layout == 'this trainer' else 'state_dict_ema'
+    assert result['best_weights'] == best
+    assert f"the weights the checkpoint calls best, which every loader takes: the " \
+           f"{'trained' if best == 'model' else 'EMA'} weights, {best!r}" in log
+    assert f"data: validation 10 images in 3 classes ({data / 'val'})" in log
+    assert not (output / 'log.txt').exists()
+
+
+@pytest.mark.slow
+def test_a_foreign_checkpoint_resumes_as_weights_and_ema_weights(tmp_path, monkeypatch):
+    """The LVT authors' timm-trainer checkpoint (optimizer, EMA, no best accuracy): its weights and EMA weights
+    continue, with a new optimizer and schedule; the EMA continues from theirs (it does not restart at step 1),
+    by the configured decay."""
+    data = write_image_folder(tmp_path / 'data', 4, 1)
+    checkpoint = foreign_checkpoint(tmp_path / 'lvt_authors.pth', b0_predicting(0, seed=1), b0_predicting(1, seed=2))
+    expected = dict(load_checkpoint_file(checkpoint)['state_dict_ema'])
+    step = Trainer.optimizer_step
+
+    def step_and_follow(trainer, global_step):
+        norm = step(trainer, global_step)
+        for name, value in trainer.model.named_parameters():
+            expected[name] = 0.5 * expected[name] + 0.5 * value.detach()
+        return norm
+    monkeypatch.setattr(Trainer, 'optimizer_step', step_and_follow)
+    output = tmp_path / 'out'
+    summary = run(parse_args(['--cfg', B0_CONFIG, '--data-path', str(data), '--output', str(output), '--resume',
+                              str(checkpoint), '--opts', *TINY, 'TRAIN.EMA.DECAY', '0.5', 'DATA.BATCH_SIZE', '4',
+                              'TRAIN.EPOCHS', '1', 'TRAIN.WARMUP_EPOCHS', '0']))
+    log = (output / 'log.txt').read_text()
+    assert f"{checkpoint} holds another trainer's checkpoint: its weights and EMA weights are loaded, and training " \
+           'starts at epoch 1 with a new optimizer and schedule' in log
+    assert [entry['epoch'] for entry in summary['history']] == [1]
+    ema = load_checkpoint_file(output / 'latest.pth')['model_ema']
+    for name, value in timm.create_model('fat_b0', num_classes=3).named_parameters():
+        torch.testing.assert_close(ema[name], expected[name], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_the_ema_follows_the_trained_weights_by_its_decay(tmp_path):
+    """From its first step (where timm's EMA takes the weights as they are) on, each step moves the EMA by
+    1 - decay of the way to the trained weights."""
+    data = write_image_folder(tmp_path / 'data', 4, 1)
+    config = load_config(B0_CONFIG, [*TINY, 'TRAIN.EMA.DECAY', '0.5', 'DATA.BATCH_SIZE', '4'],
+                         **{'DATA.DATA_PATH': str(data), 'OUTPUT': str(tmp_path / 'out')})
+    trainer = Trainer(config, Distributed())
+    trained = []
+    step = trainer.optimizer_step
+
+    def step_and_record(global_step):
+        norm = step(global_step)
+        trained.append({name: value.clone() for name, value in trainer.model.named_parameters()})
+        return norm
+    trainer.optimizer_step = step_and_record
+    trainer.train_one_epoch(0)
+    assert len(trained) == 3
+    expected = trained[0]
+    for weights in trained[1:]:
+        expected = {name: 0.5 * expected[name] + 0.5 * value for name, value in weights.items()}
+    ema = dict(trainer.ema.module.named_parameters())
+    for name, value in expected.items():
+        torch.testing.assert_close(ema[name], value, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(ema['head.fc.weight'], trained[-1]['head.fc.weight'])
+
+
 def killed_at_step(command, step: int):
     """``command`` (a ``python -m classification.train`` command) run to SIGKILL itself right after optimizer
     step ``step``: a crash at a chosen point, whatever the machine's speed."""
@@ -261,16 +517,117 @@ def killed_at_step(command, step: int):
     assert result.returncode == -signal.SIGKILL, result.stdout[-3000:] + result.stderr[-3000:]
 
 
+@pytest.fixture(scope='module')
+def tiny_data(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp('tiny') / 'data', 4, 1)
+
+
+def first_epoch(data: Path, output: Path, *opts: str, watch=None) -> dict:
+    """The first epoch of the full recipe (3 steps of batch 4) from seed 0, in this process: each step's gradient
+    norm, and what ``watch(trainer)`` (called before training) returns."""
+    config = load_config(B0_CONFIG, [*TINY, 'DATA.BATCH_SIZE', '4', *opts],
+                         **{'DATA.DATA_PATH': str(data), 'OUTPUT': str(output)})
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    trainer = Trainer(config, Distributed())
+    watched = watch(trainer) if watch else None
+    step = trainer.optimizer_step
+    grad_norms = []
+
+    def step_and_record(global_step):
+        grad_norms.append(step(global_step).item())
+        return grad_norms[-1]
+    trainer.optimizer_step = step_and_record
+    stats = trainer.train_one_epoch(0)
+    return dict(trainer=trainer, loss=stats['loss'], grad_norms=grad_norms, watched=watched)
+
+
+def count_block_calls(trainer) -> list:
+    calls = []
+    # a pre-hook: the recomputation stops once it has what the backward pass needs, before forward hooks run
+    trainer.model.stages[-1].blocks[0].register_forward_pre_hook(lambda *args: calls.append(1))
+    return calls
+
+
+@pytest.fixture(scope='module')
+def plain_first_epoch(tiny_data, tmp_path_factory):
+    return first_epoch(tiny_data, tmp_path_factory.mktemp('plain'), watch=count_block_calls)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('switch', ['TRAIN.USE_CHECKPOINT', 'TRAIN.CHANNELS_LAST'])
+def test_memory_switches_train_as_without_them(tiny_data, plain_first_epoch, tmp_path, switch):
+    """Gradient checkpointing recomputes each block in the backward pass, channels-last runs the convolutions on
+    channels-last weights and batches: the losses and gradients are those of a run without them."""
+    run = first_epoch(tiny_data, tmp_path, switch, 'True', watch=count_block_calls)
+    assert len(plain_first_epoch['watched']) == 3
+    if switch == 'TRAIN.USE_CHECKPOINT':
+        assert len(run['watched']) == 2 * 3  # forward, and again in the backward pass
+    else:
+        assert run['trainer'].model.stem.conv1.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert run['loss'] == pytest.approx(plain_first_epoch['loss'], rel=1e-5)
+    assert run['grad_norms'] == pytest.approx(plain_first_epoch['grad_norms'], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_sgd_steps_with_nesterov_momentum(tiny_data, tmp_path):
+    """SGD's first step, by hand: the momentum buffer is the (clipped) gradient plus weight decay, and Nesterov's
+    update is (1 + momentum) times it; norms and biases have no weight decay."""
+    def watch_first_step(trainer):
+        optimizer = trainer.optimizer
+        seen = {}
+        step = optimizer.step
+
+        def step_and_watch(*args, **kwargs):
+            if not seen:
+                for name in ('stem.conv1.conv.weight', 'head.fc.bias'):
+                    parameter = trainer.model.get_parameter(name)
+                    seen[name] = (parameter.detach().clone(), parameter.grad.clone(), optimizer.param_groups[0]['lr'])
+                step(*args, **kwargs)
+                for name in list(seen):
+                    seen[name] += (trainer.model.get_parameter(name).detach().clone(),)
+                return None
+            return step(*args, **kwargs)
+        optimizer.step = step_and_watch
+        return seen
+    run = first_epoch(tiny_data, tmp_path, 'TRAIN.OPTIMIZER.NAME', 'sgd', 'TRAIN.BASE_LR', '50.',
+                      'TRAIN.WARMUP_EPOCHS', '0', watch=watch_first_step)
+    optimizer = run['trainer'].optimizer
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert all(group['nesterov'] and group['momentum'] == 0.9 for group in optimizer.param_groups)
+    for name, weight_decay in (('stem.conv1.conv.weight', 0.05), ('head.fc.bias', 0.)):
+        before, grad, lr, after = run['watched'][name]
+        direction = grad + weight_decay * before
+        torch.testing.assert_close(after, before - lr * 1.9 * direction, rtol=1e-5, atol=1e-7)
+        assert (after - before).abs().max() > 1e-3
+    assert all(math.isfinite(norm) for norm in run['grad_norms'])
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tiny_data, plain_first_epoch, tmp_path, monkeypatch):
+    """TRAIN.COMPILE trains through torch.compile's graphs (TorchDynamo and AOTAutograd; without Inductor's code
+    generation, which takes minutes on 2 cores and is checked on the models by test_model's compile test)."""
+    monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend='aot_eager'))
+    run = first_epoch(tiny_data, tmp_path, 'TRAIN.COMPILE', 'True')
+    assert isinstance(run['trainer'].train_model, torch._dynamo.eval_frame.OptimizedModule)
+    assert run['loss'] == pytest.approx(plain_first_epoch['loss'], rel=1e-4)
+    assert run['grad_norms'] == pytest.approx(plain_first_epoch['grad_norms'], rel=1e-3)
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tmp_path):
+    """Killed in its second epoch, after the first epoch's checkpoint, and restarted, a run ends with the weights
+    of an uninterrupted one, bit for bit: with 2 persistent loader workers, whose augmentation is seeded per sample
+    from the epoch, the full recipe (RandAugment, random erasing, Mixup/CutMix, drop path) and an EMA."""
     data = write_image_folder(tmp_path / 'data', 8, 2)
-    opts = ['TRAIN.EPOCHS', '2', 'DATA.BATCH_SIZE', '2']
+    opts = ['TRAIN.EPOCHS', '2', 'DATA.BATCH_SIZE', '4', 'DATA.NUM_WORKERS', '2']
     run_ok(train_command(data, tmp_path / 'uninterrupted', *opts))
 
     output = tmp_path / 'interrupted'
-    killed_at_step(train_command(data, output, *opts), step=12 + 4)  # 12 steps per epoch: the 4th of epoch 2
+    killed_at_step(train_command(data, output, *opts), step=6 + 3)  # 6 steps per epoch: the 3rd of epoch 2
     log = (output / 'log.txt').read_text()
-    assert 'epoch 2/2 step 3/12' in log and 'epoch 2/2 step 4/12' not in log
+    assert 'epoch 2/2 step 2/6' in log and 'epoch 2/2 step 3/6' not in log
     assert [row['epoch'] for row in csv.DictReader((output / 'summary.csv').open())] == ['1']
 
     result = run_ok(train_command(data, output, *opts))
@@ -278,12 +635,17 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     summary = json.loads((output / 'summary.json').read_text())
     reference = json.loads((tmp_path / 'uninterrupted' / 'summary.json').read_text())
     assert [entry['epoch'] for entry in summary['history']] == [1, 2]
-    assert [e['train_loss'] for e in summary['history']] == pytest.approx([e['train_loss'] for e in reference['history']])
+    assert [e['train_loss'] for e in summary['history']] == [e['train_loss'] for e in reference['history']]
     assert [row['epoch'] for row in csv.DictReader((output / 'summary.csv').open())] == ['1', '2']
-    resumed = load_checkpoint_file(output / 'latest.pth')['model']
-    uninterrupted = load_checkpoint_file(tmp_path / 'uninterrupted' / 'latest.pth')['model']
-    for key in uninterrupted:
-        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6)
+    resumed = load_checkpoint_file(output / 'latest.pth')
+    uninterrupted = load_checkpoint_file(tmp_path / 'uninterrupted' / 'latest.pth')
+    for weights in ('model', 'model_ema'):
+        for key, value in uninterrupted[weights].items():
+            assert torch.equal(resumed[weights][key], value), (weights, key)
+
+
+# the 1-epoch run's config (3 steps of batch 4, no EMA), beside TINY's
+ONE_EPOCH = ['TRAIN.EPOCHS', '1', 'TRAIN.WARMUP_EPOCHS', '0', 'DATA.BATCH_SIZE', '4', 'TRAIN.EMA.ENABLED', 'False']
 
 
 @pytest.fixture(scope='module')
@@ -291,31 +653,40 @@ def one_epoch_run(tmp_path_factory):
     """A finished 1-epoch run without EMA (3 steps of batch 4): the checkpoint the resume cases start from."""
     root = tmp_path_factory.mktemp('one_epoch')
     data = write_image_folder(root / 'data', 4, 1)
-    run_ok(train_command(data, root / 'run', 'TRAIN.EPOCHS', '1', 'TRAIN.WARMUP_EPOCHS', '0', 'DATA.BATCH_SIZE', '4',
-                         'TRAIN.EMA.ENABLED', 'False'))
+    run_ok(train_command(data, root / 'run', *ONE_EPOCH))
     return dict(data=data, checkpoint=root / 'run' / 'latest.pth')
 
 
-def continue_run(one_epoch_run, output: Path, *opts: str, resume: Optional[Path] = None, weights_only=False):
-    """Continue the 1-epoch run into a 2-epoch one in ``output`` (auto-resuming from a copy of its checkpoint, or
-    with --resume); returns the log."""
+def continue_command(one_epoch_run, output: Path, *opts: str, weights_only=False, allow_config_change=False):
+    """The command that continues the 1-epoch run into a 2-epoch one in ``output``, with ``opts`` changing its
+    config (auto-resuming from a copy of its checkpoint, or with --resume of its weights)."""
     output.mkdir()
     checkpoint = load_checkpoint_file(one_epoch_run['checkpoint'])
     if weights_only:
         torch.save(checkpoint['model'], output / 'weights.pth')
     else:
         shutil.copy(one_epoch_run['checkpoint'], output / 'latest.pth')
-    command = train_command(one_epoch_run['data'], output, 'TRAIN.EPOCHS', '2', 'DATA.BATCH_SIZE', '4', *opts)
-    if weights_only:
-        command[command.index('--opts'):command.index('--opts')] = ['--resume', str(output / 'weights.pth')]
-    return run_ok(command).stdout
+    command = train_command(one_epoch_run['data'], output, *ONE_EPOCH, 'TRAIN.EPOCHS', '2', *opts)
+    flags = (['--resume', str(output / 'weights.pth')] if weights_only else []) + \
+        (['--allow-config-change'] if allow_config_change else [])
+    command[command.index('--opts'):command.index('--opts')] = flags
+    return command
+
+
+def continue_run(one_epoch_run, output: Path, *opts: str, **options) -> str:
+    """Run ``continue_command``; its log."""
+    return run_ok(continue_command(one_epoch_run, output, *opts, **options)).stdout
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('weights_only', [False, True], ids=['trainer checkpoint without EMA', 'weights only'])
 def test_resume_with_ema_starts_the_ema_from_the_resumed_weights(one_epoch_run, tmp_path, weights_only):
-    log = continue_run(one_epoch_run, tmp_path / 'run', 'TRAIN.EMA.ENABLED', 'True', weights_only=weights_only)
+    # turning the EMA on changes the recipe: a resumed run needs --allow-config-change (weights alone start a new one)
+    log = continue_run(one_epoch_run, tmp_path / 'run', 'TRAIN.EMA.ENABLED', 'True', weights_only=weights_only,
+                       allow_config_change=not weights_only)
     assert 'holds no EMA weights: the EMA starts from its weights' in log
+    if not weights_only:
+        assert "continuing with the new values (--allow-config-change): TRAIN.EMA.ENABLED False -> True" in log
     resumed = load_checkpoint_file(one_epoch_run['checkpoint'])['model']
     ema = load_checkpoint_file(tmp_path / 'run' / 'latest.pth')['model_ema']
     fresh = timm.create_model('fat_b0', num_classes=3).state_dict()
@@ -326,10 +697,11 @@ def test_resume_with_ema_starts_the_ema_from_the_resumed_weights(one_epoch_run, 
 
 @pytest.mark.slow
 def test_resume_with_another_batch_rebuilds_the_schedule(one_epoch_run, tmp_path):
-    log = continue_run(one_epoch_run, tmp_path / 'run', 'DATA.BATCH_SIZE', '2', 'TRAIN.WARMUP_EPOCHS', '1')
+    log = continue_run(one_epoch_run, tmp_path / 'run', 'DATA.BATCH_SIZE', '2')
     assert re.search(r'was trained with a global batch of 4, 3 steps per epoch; this run has 2, 6: the learning-rate '
                      r'schedule is rebuilt for this run from epoch 2', log)
-    config = load_config(B0_CONFIG, [*TINY, 'TRAIN.EPOCHS', '2', 'DATA.BATCH_SIZE', '2'])
+    assert 'another config' not in log
+    config = load_config(B0_CONFIG, [*TINY, *ONE_EPOCH, 'TRAIN.EPOCHS', '2', 'DATA.BATCH_SIZE', '2'])
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([parameter], lr=scaled_learning_rates(config, world_size=1)['lr'])
     scheduler = build_scheduler(config, optimizer, steps_per_epoch=6, world_size=1)
@@ -353,11 +725,46 @@ def test_resume_in_fp16_from_a_bf16_run(one_epoch_run, tmp_path):
 def test_a_finished_run_stops_at_once_and_writes_nothing(one_epoch_run, tmp_path):
     output = one_epoch_run['checkpoint'].parent
     before = {path: (path.stat().st_mtime_ns, path.stat().st_size) for path in output.rglob('*')}
-    result = run_ok(train_command(one_epoch_run['data'], output, 'TRAIN.EPOCHS', '1', 'TRAIN.WARMUP_EPOCHS', '0',
-                                  'DATA.BATCH_SIZE', '4'))
+    result = run_ok(train_command(one_epoch_run['data'], output, *ONE_EPOCH, 'PRINT_FREQ', '5', 'DATA.NUM_WORKERS',
+                                  '1'))  # what may change on resume
     assert f'{output / "latest.pth"}: all 1 epochs are done, nothing to train' in result.stdout
     assert 'data:' not in result.stdout  # not even the data was read
     assert {path: (path.stat().st_mtime_ns, path.stat().st_size) for path in output.rglob('*')} == before
+
+
+@pytest.mark.slow
+def test_resume_with_another_recipe_stops_naming_the_keys(one_epoch_run, tmp_path):
+    """The same output folder with another recipe is another run: it stops before anything is written, unless
+    the user asks to continue with the new values."""
+    command = continue_command(one_epoch_run, tmp_path / 'run', 'AUG.MIXUP', '0.5', 'TRAIN.BASE_LR', '1e-3')
+    before = sorted(path.name for path in (tmp_path / 'run').iterdir())
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and result.stderr.count('\n') == 1, result.stderr
+    assert result.stderr.startswith(f'error: {tmp_path / "run" / "latest.pth"} is a run with another config: '
+                                    'AUG.MIXUP 0.8 -> 0.5; TRAIN.BASE_LR 0.0005 -> 0.001. Start a new run')
+    assert '--allow-config-change' in result.stderr
+    assert sorted(path.name for path in (tmp_path / 'run').iterdir()) == before
+
+    # --resume of another run's checkpoint is held to the same rule
+    command = train_command(one_epoch_run['data'], tmp_path / 'new', *ONE_EPOCH, 'TRAIN.EPOCHS', '2', 'SEED', '1')
+    command[command.index('--opts'):command.index('--opts')] = ['--resume', str(one_epoch_run['checkpoint'])]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and 'another config: SEED 0 -> 1' in result.stderr
+
+    log = run_ok(command[:command.index('--opts')] + ['--allow-config-change'] + command[command.index('--opts'):]).stdout
+    assert 'continuing with the new values (--allow-config-change): SEED 0 -> 1' in log
+    assert 'resuming from' in log and 'epoch 1 done' in log
+
+
+def test_default_output_folder_is_per_model_and_config():
+    """Runs of different models or config files never share a folder (and so never resume each other)."""
+    configs = sorted((REPO_ROOT / 'configs' / 'classification').rglob('*.yaml'))
+    outputs = {path: load_config(str(path)).OUTPUT for path in configs}
+    assert outputs[REPO_ROOT / 'configs' / 'classification' / 'fat_b0.yaml'] == os.path.join('output', 'fat_b0',
+                                                                                             'fat_b0')
+    assert len(set(outputs.values())) == len(configs)
+    assert load_config(B0_CONFIG, ['OUTPUT', 'mine']).OUTPUT == 'mine'
+    assert load_config(B0_CONFIG, ['MODEL.NAME', 'fat_b1']).OUTPUT == os.path.join('output', 'fat_b1', 'fat_b0')
 
 
 @pytest.mark.slow
@@ -393,3 +800,39 @@ def test_throughput_command(tmp_path):
     result = run_ok([sys.executable, '-m', 'classification.train', '--cfg', B0_CONFIG, '--throughput',
                      '--batch-size', '2', '--output', str(tmp_path), '--opts', 'DATA.IMG_SIZE', '32'])
     assert re.search(r'throughput fat_b0: [\d.]+ img/s \(batch 2, 32 px, cpu, AMP off\)', result.stdout)
+    assert 'throughput fat_b0' in (tmp_path / 'throughput_log.txt').read_text()
+    assert not (tmp_path / 'log.txt').exists()  # a training run's log is the training run's
+
+
+class AugmentedImage(torch.utils.data.Dataset):
+    """One image, augmented by the recipe's training transform, at every index."""
+
+    def __init__(self, config):
+        self.image = Image.fromarray(torch.randint(0, 256, (40, 40, 3), dtype=torch.uint8).numpy())
+        self.transform = build_transform(config, is_training=True)
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return self.transform(self.image)
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index():
+    """Whichever process or worker loads a training sample, and whatever it loaded before, the sample's random
+    crop, flip, RandAugment and erasing come from (SEED, epoch, index); the caller's random state is untouched."""
+    samples = SeededSamples(AugmentedImage(load_config(B0_CONFIG, TINY)), seed=0)
+    first = samples[(3, 2)]
+    torch.rand(5), random.random(), np.random.rand()  # other draws in between change nothing
+    before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    assert torch.equal(samples[(3, 2)], first)
+    after = torch.get_rng_state(), random.getstate(), np.random.get_state()[1]
+    assert torch.equal(before[0], after[0]) and before[1] == after[1] and (before[2] == after[2]).all()
+    assert not torch.equal(samples[(4, 2)], first) and not torch.equal(samples[(3, 1)], first)
+    assert not torch.equal(SeededSamples(samples.dataset, seed=1)[(3, 2)], first)
+
+    sampler, plain = (cls(range(6), num_replicas=2, rank=1, shuffle=True, seed=0) for cls in (EpochSampler,
+                                                                                                DistributedSampler))
+    sampler.set_epoch(7)
+    plain.set_epoch(7)
+    assert list(sampler) == [(7, index) for index in plain]
