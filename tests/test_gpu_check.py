@@ -201,7 +201,7 @@ def test_cpu_rehearsal_runs_every_step_and_reports_it(tmp_path):
     fp16, fat_b2 = steps['trainer_fp16']['figures'], steps['trainer_fat_b2']['figures']
     assert fp16['loss_scale'] > 0 and resumed['loss_scale'] is None and fat_b2['epochs'] == [1]
     for run in (resumed, fp16, fat_b2):
-        assert run['last_interval']['images_per_second'] > 0 and run['ema_acc1'] is not None
+        assert run['last_epoch_steps']['images_per_second'] > 0 and run['ema_acc1'] is not None
         assert run['global_batch'] == 100 and run['peak_memory_gib'] is None  # CPU: no CUDA memory figure
 
     markdown = (out / 'report.md').read_text()
@@ -215,7 +215,8 @@ def test_benchmark_without_batch1_latency(tmp_path, capsys):
     from classification import benchmark
 
     benchmark.main(['--models', 'fat_b0', '--latency-rounds', '0', '--throughput-batch-sizes', '2',
-                    '--throughput-warmup', '0', '--throughput-rounds', '1', '--no-flops', '--output-dir', str(tmp_path)])
+                    '--throughput-warmup', '0', '--throughput-rounds', '1', '--no-flops',
+                    '--output-dir', str(tmp_path)])
     assert 'latency' not in capsys.readouterr().out
     result = json.loads((tmp_path / 'benchmark.json').read_text())
     assert list(result['seconds_per_round']) == ['throughput_b2'] and 'latency_ms' not in result['rows'][0]
@@ -223,3 +224,64 @@ def test_benchmark_without_batch1_latency(tmp_path, capsys):
     with pytest.raises(SystemExit):
         benchmark.main(['--latency-rounds', '1'])
     assert '--latency-rounds must be 0 (no batch-1 latency) or at least 2' in capsys.readouterr().err
+
+
+def test_report_renders_what_only_a_gpu_measures(tmp_path):
+    """report.md from figures shaped as a GPU run gives them (the extension's column, memory, loss scale, the paper's
+    ratios at the paper's batch), so that the first GPU run cannot fail on its own report."""
+    from kernels.benchmark import summarise
+
+    gpu_check = load_gpu_check()
+    check = rehearsal(gpu_check, tmp_path)
+    check.smoke = False
+    check.environment = dict(device='NVIDIA H200', gpus=1, compute_capability='9.0', multiprocessors=132,
+                             memory_gib=139.8, driver='580.159.03', torch='2.11.0+cu130', torch_cuda='13.0')
+    layer = dict(model='fat_b0', batch=128, channels=160, height=14, width=14, kernel_size=7, dtype='float16',
+                 forward_bytes=8_028_160, training_bytes=20_070_400, channels_last_relative_difference=1e-3,
+                 extension_relative_difference=2e-3)
+    for path, milliseconds in (('nchw', 0.02), ('channels_last', 0.015), ('extension', 0.01)):
+        for phase, scale in (('forward', 1), ('training', 3)):
+            layer[f'{path}_{phase}_ms'] = scale * milliseconds
+            layer[f'{path}_{phase}_gbs'] = layer[f'{phase}_bytes'] / (scale * milliseconds) / 1e6
+    kernels = dict(device='NVIDIA H200', copy_gbs=4300., driver_peak_gbs=None, reference_gbs=4300., extension=True,
+                   extension_error=None, rows=[layer], summary=summarise([layer], 128))
+
+    def model(name, vs, x_fat, throughput=2000.):
+        return dict(model=name, vs=vs, input_size=224, latency_ms=4.0, latency_ms_x_fat=1 / x_fat,
+                    throughput_b64=throughput, throughput_b64_x_fat=x_fat, throughput_b256=throughput,
+                    throughput_b256_x_fat=x_fat, train_b128=throughput / 3, train_b128_x_fat=x_fat)
+
+    rows = [model('fat_b0', 'fat_b0', 1.), model('mobilevit_xs', 'fat_b0', .5), model('lvt_cls', 'fat_b0', .8),
+            model('fat_b2', 'fat_b2', 1.), model('efficientnet_b3', 'fat_b2', .4),
+            model('convnext_small', 'fat_b3', .9)]
+    settings = dict(amp='bf16', memory_format='channels_last', deploy=True, compile=False, throughput_rounds=10,
+                    latency_rounds=50, throughput_batch_sizes=[64, 256], train_batch_size=128)
+    models = dict(machine=dict(gpu='NVIDIA H200'), settings=settings, rows=rows, latency_comparisons=[],
+                  paper_comparisons=gpu_check.paper_comparisons(rows, [64, 256]))
+    compiled = dict(machine=dict(gpu='NVIDIA H200'), rows=[model('fat_b0', 'fat_b0', 1., 3000.)],
+                    settings=dict(settings, compile=True, latency_rounds=0, throughput_batch_sizes=[64],
+                                  train_batch_size=None),
+                    paper_comparisons=[], speedup_over_eager_b64=dict(fat_b0=1.5))
+    trainer = dict(epochs=[1, 2], processes=1, global_batch=128, train_loss=[2.3, 2.2], val_acc1=10., ema_acc1=11.,
+                   epoch_images_per_second=[1, 2], peak_memory_gib=12.5, loss_scale=65536.,
+                   last_epoch_steps=dict(images_per_second=3000., data_seconds_per_batch=.01,
+                                         compute_seconds_per_batch=.04))
+    for name, figures in (('kernels_benchmark', kernels), ('model_benchmark', models), ('trainer_fp16', trainer),
+                          ('model_benchmark_compiled', compiled)):
+        check.results.append(dict(name=name, description=name, status='passed', seconds=1., limit_seconds=60.,
+                                  reason=None, figures=figures))
+    check.write_report(complete=True)
+    markdown = (tmp_path / 'out' / 'report.md').read_text()
+
+    paper = {(c['model'], c['versus'], c['batch']): c for c in models['paper_comparisons']}
+    assert set(paper) == {(fat, peer, batch) for fat, peer in (('fat_b0', 'mobilevit_xs'), ('fat_b0', 'lvt_cls'),
+                                                                ('fat_b2', 'efficientnet_b3')) for batch in (64, 256)}
+    assert paper['fat_b0', 'lvt_cls', 64]['paper'] == pytest.approx(1932 / 1265)
+    assert '| fat_b0 | mobilevit_xs | 64 | 2.00× | 1.41× |' in markdown
+    assert '| fat_b2 | efficientnet_b3 | 256 | 2.50× | 1.71× |' in markdown
+    assert '# GPU check: NVIDIA H200' in markdown and 'NVIDIA H200 × 1, compute capability 9.0, 132 SMs' in markdown
+    assert ('| fat_b0 | 128 | 160, 14, 14, 7 | float16 | 0.0200 (9 %), 2.00× | 0.0150 (12 %), 1.50× | 0.0100 (19 %) |'
+            in markdown)
+    assert 'Batch 128, float16, geometric mean over 1 layers' in markdown and 'channels-last 1.50 forward' in markdown
+    assert '| trainer_fp16 | 1 × 128 | 3000.0 | 0.010 / 0.040 | 12.50 | 65536 |' in markdown
+    assert 'Compiled over eager throughput at batch 64 (two runs): fat_b0 1.50×.' in markdown
