@@ -689,7 +689,7 @@ STEPS = (
     Step('trainer_bf16_resume', 'torchrun classification.train, FAT-B0 bf16 channels-last EMA, killed and resumed',
          step_trainer_bf16_resume, 120, 60),
     Step('trainer_fp16', 'torchrun classification.train, FAT-B0 fp16 with the GradScaler', step_trainer_fp16,
-         60, 60),
+         60, 90),
     Step('trainer_fat_b2', 'torchrun classification.train, FAT-B2 bf16 channels-last EMA', step_trainer_fat_b2,
          60, 30),
     Step('model_benchmark_compiled', 'python -m classification.benchmark --compile: FAT-B0 and its two paper peers',
