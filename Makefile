@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast
+.PHONY: setup demo test test-fast gpu-wheels gpu-check gpu-check-smoke
 
 setup: $(STAMP)
 
@@ -31,3 +31,18 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" tests
+
+# The GPU check (tools/gpu_check.py, docs/benchmarks.md): every GPU path built, tested and timed in minutes. It runs
+# with this environment where it exists, else with $(PYTHON) and that interpreter's own torch: on a GPU machine
+# without registry access, after `make gpu-wheels` here and gpu-wheels/ copied along. Report: gpu-check/ or
+# $$GPU_CHECK_OUT.
+CHECK_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+
+gpu-wheels:
+	PYTHON=$(CHECK_PY) tools/gpu_wheels.sh
+
+gpu-check:
+	$(CHECK_PY) tools/gpu_check.py
+
+gpu-check-smoke: setup
+	$(PY) tools/gpu_check.py --smoke

@@ -7,7 +7,8 @@
 Every model is built by timm without pretrained weights (weights do not change the timing), put into its
 inference form with ``timm.utils.reparameterize_model`` (FAT folds its BatchNorms and residual depthwise
 convolutions; peers without fusions stay as they are), made channels-last, and fed inputs of its own
-default resolution (``pretrained_cfg['input_size']``). On CUDA, forward passes run under AMP.
+default resolution (``pretrained_cfg['input_size']``). On CUDA, forward passes run under AMP, with cuDNN's
+autotuner on (``torch.backends.cudnn.benchmark``).
 
 The models are measured in one process, interleaved (every round runs each model once, in a shuffled order)
 after a warm-up, so that drifts of the machine's speed fall on every model alike; each figure is the median
@@ -200,6 +201,8 @@ def run(args: argparse.Namespace) -> Dict:
         raise SystemExit('--device cuda: no CUDA GPU is available')
     if device.type == 'cpu':
         torch.set_num_threads(args.threads)
+    else:
+        torch.backends.cudnn.benchmark = True  # each input shape gets cuDNN's fastest algorithm, as in timm's benchmark
     amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}[args.amp]
     channels_last = args.memory_format == 'channels_last'
     load_before = _load_average()
@@ -215,8 +218,10 @@ def run(args: argparse.Namespace) -> Dict:
         candidates.append(Candidate(
             name, prepare(model, device, channels_last, not args.training_form, args.compile), input_size))
 
-    timings = {'latency_ms': measure_interleaved(candidates, 1, args.warmup, args.latency_rounds, device,
-                                                 channels_last, amp_dtype)}
+    timings = {}
+    if args.latency_rounds:
+        timings['latency_ms'] = measure_interleaved(candidates, 1, args.warmup, args.latency_rounds, device,
+                                                    channels_last, amp_dtype)
     for batch_size in args.throughput_batch_sizes:
         timings[f'throughput_b{batch_size}'] = measure_interleaved(
             candidates, batch_size, args.throughput_warmup, args.throughput_rounds, device, channels_last, amp_dtype)
@@ -247,7 +252,7 @@ def run(args: argparse.Namespace) -> Dict:
             else:
                 row[f'{figure}_x_fat'] = paired_ratio(times[reference], times[row['model']])
 
-    latency = timings['latency_ms']
+    latency = timings.get('latency_ms', {})
     comparisons = []
     for pair in args.compare:
         first, second = pair.split(':')
@@ -277,7 +282,8 @@ def _cell(value: Optional[float], digits: int, ratio: Optional[float] = None) ->
 def format_table(result: Dict, markdown: bool = False) -> str:
     batch_sizes = result['settings']['throughput_batch_sizes']
     train_batch_size = result['settings']['train_batch_size']
-    header = ['model', 'input', 'params (M)', 'GFLOPs', 'top-1 (%)', 'latency b1 (ms)'] + \
+    latency = result['settings']['latency_rounds'] > 0
+    header = ['model', 'input', 'params (M)', 'GFLOPs', 'top-1 (%)'] + (['latency b1 (ms)'] if latency else []) + \
         [f'throughput b{b} (img/s)' for b in batch_sizes] + \
         ([f'training b{train_batch_size} (img/s)'] if train_batch_size else []) + ['ratios vs']
     lines = []
@@ -287,7 +293,7 @@ def format_table(result: Dict, markdown: bool = False) -> str:
             _cell(row['params_m'], 2, row['params_m_x_fat']),
             _cell(row['gflops'], 2, row['gflops_x_fat']),
             _cell(row['top1'], 1),
-            _cell(row['latency_ms'], 1, row['latency_ms_x_fat']),
+            *([_cell(row['latency_ms'], 1, row['latency_ms_x_fat'])] if latency else []),
             *[_cell(row[f'throughput_b{b}'], 1, row[f'throughput_b{b}_x_fat']) for b in batch_sizes],
             *([_cell(row[f'train_b{train_batch_size}'], 1, row[f'train_b{train_batch_size}_x_fat'])]
               if train_batch_size else []),
@@ -351,7 +357,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='timm model names (default: FAT-B0...B3, LVT and the FAT paper\'s other peers)')
     parser.add_argument('--threads', type=int, default=2, help='CPU threads (default: 2)')
     parser.add_argument('--warmup', type=int, default=10, help='warm-up passes per model (default: 10)')
-    parser.add_argument('--latency-rounds', type=int, default=100, help='batch-1 rounds (default: 100)')
+    parser.add_argument('--latency-rounds', type=int, default=100,
+                        help='batch-1 rounds (default: 100; 0: no batch-1 latency)')
     parser.add_argument('--throughput-batch-sizes', type=int, nargs='+', metavar='N',
                         help='throughput batch sizes (default: 16 on the CPU, 64 128 on CUDA)')
     parser.add_argument('--throughput-warmup', type=int, default=2,
@@ -386,8 +393,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for option in ('threads', 'throughput_rounds'):
         if getattr(args, option) < 1:
             parser.error(f'--{option.replace("_", "-")} must be at least 1')
-    if args.latency_rounds < 2:
-        parser.error('--latency-rounds must be at least 2')
+    if args.latency_rounds < 0 or args.latency_rounds == 1:
+        parser.error('--latency-rounds must be 0 (no batch-1 latency) or at least 2')
     if args.warmup < 0 or args.throughput_warmup < 0:
         parser.error('--warmup and --throughput-warmup must not be negative')
     if args.throughput_batch_sizes is None:

@@ -8,7 +8,7 @@ entry here.
 from typing import Dict, NamedTuple, Optional, Tuple
 
 __all__ = ['ABLATIONS', 'MODELS', 'PEERS', 'AblationRow', 'ModelEntry', 'PaperFigures', 'Peer', 'compared_models',
-           'counterpart', 'model_names', 'published_top1']
+           'counterpart', 'model_names', 'paper_gpu_throughput', 'published_top1']
 
 
 class PaperFigures(NamedTuple):
@@ -47,6 +47,7 @@ class Peer(NamedTuple):
     """A timm model the FAT paper compares with."""
     top1: float  # ImageNet-1K top-1 (%) published by the model's own paper
     counterpart: str  # the model of this repository of similar accuracy it is compared with
+    gpu_throughput: Optional[float] = None  # img/s, the FAT paper's GPU throughput comparison
 
 
 def _entries(*entries: ModelEntry) -> Dict[str, ModelEntry]:
@@ -104,12 +105,12 @@ ABLATIONS = (
 MODELS.update(_entries(*(ModelEntry(row.model, 'fat', ablation=True) for row in ABLATIONS if row.model not in MODELS)))
 
 PEERS = {
-    'mobilevit_xs': Peer(74.8, 'fat_b0'),
+    'mobilevit_xs': Peer(74.8, 'fat_b0', gpu_throughput=1367),
     'edgenext_x_small': Peer(75.0, 'fat_b0'),
     'edgenext_small': Peer(79.4, 'fat_b1'),
     'efficientnet_b1': Peer(79.1, 'fat_b1'),
     'pvt_v2_b1': Peer(78.7, 'fat_b1'),
-    'efficientnet_b3': Peer(81.6, 'fat_b2'),
+    'efficientnet_b3': Peer(81.6, 'fat_b2', gpu_throughput=624),
     'swin_tiny_patch4_window7_224': Peer(81.3, 'fat_b3'),
     'convnext_small': Peer(83.1, 'fat_b3'),
 }
@@ -133,6 +134,14 @@ def counterpart(name: str) -> Optional[str]:
     if name in MODELS:
         return MODELS[name].counterpart
     return PEERS[name].counterpart if name in PEERS else None
+
+
+def paper_gpu_throughput(name: str) -> Optional[float]:
+    """The img/s of the FAT paper's GPU throughput comparison for a model of this repository or a peer (None if
+    the comparison leaves it out)."""
+    if name in MODELS:
+        return MODELS[name].paper.gpu_throughput if MODELS[name].paper else None
+    return PEERS[name].gpu_throughput if name in PEERS else None
 
 
 def published_top1(name: str) -> Optional[float]:

@@ -1,16 +1,31 @@
-"""Time the extension's depthwise convolution against cuDNN (F.conv2d) at FAT's stage shapes.
+"""Time the extension's depthwise convolution against PyTorch's two paths at FAT's large-kernel layers.
 
-For every stage of FAT-B0 and FAT-B2 at 224x224 (batch 128 by default) and every dtype, prints the forward
-and forward+backward times of both, the ratio cuDNN time / extension time (above 1: the extension is
-faster), and the memory bandwidth each achieves against the GPU's peak, counting the bytes a convolution
-has to move at the least (each activation read or written once). Needs a GPU and the built extension:
+For the 7x7 and 9x9 depthwise convolutions of FAT-B0 and FAT-B2 (stages 3 and 4 at 224x224; ``--kernel-sizes``
+takes 3 and 5 too), batch 1 and 128, float16 and bfloat16, it times forward and forward+backward of
 
-    python -m kernels.benchmark [--batch 128] [--dtypes float16 bfloat16] [--peak-gbs GB/s]
+* ``nchw``: ``F.conv2d`` on contiguous NCHW tensors, PyTorch's default layout (cuDNN on a GPU);
+* ``channels_last``: ``F.conv2d`` on channels-last input and weight (cuDNN's NHWC kernels), the layout FAT runs in;
+* ``extension``: ``kernels.dwconv2d``, the in-tree CUDA kernels (NCHW), when the extension is built;
+
+prints each one's time, the ratios (PyTorch's time / the extension's: above 1, the extension is faster), the
+relative difference of each forward from the NCHW one, and the memory bandwidth each achieves, counting the bytes
+a convolution has to move at the least (each activation read or written once), against the bandwidth of a plain
+device-to-device copy measured in the same run (``--peak-gbs`` replaces it). Ends with the geometric-mean ratios
+at the largest batch, per dtype: what decides FAT_CUDA_DWCONV's default (kernels/README.md).
+
+    python -m kernels.benchmark [--batch-sizes 1 128] [--dtypes float16 bfloat16] [--kernel-sizes 7 9]
+        [--models fat_b0 fat_b2] [--peak-gbs GB/s] [--json results.json] [--device cuda|cpu]
+
+``--device cpu`` times the two PyTorch paths on the CPU (host clock): a rehearsal of the harness, not a measurement
+of the extension, which runs on CUDA tensors only.
 """
 import argparse
+import json
 import math
 import statistics
-from typing import Callable, Dict, List, Tuple
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,119 +38,212 @@ STAGE_SHAPES: Dict[str, List[Tuple[int, int, int, int]]] = {
     'fat_b2': [(64, 56, 56, 3), (128, 28, 28, 5), (256, 14, 14, 7), (512, 7, 7, 9)],
 }
 DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16, 'float32': torch.float32}
+PYTORCH_PATHS = ('nchw', 'channels_last')
+COPY_BYTES = {'cuda': 2 ** 30, 'cpu': 2 ** 26}  # each of source and destination
 
 
-def milliseconds(function: Callable[[], object], warmup: int, iterations: int, rounds: int) -> float:
-    """The median over rounds of the mean time of one call, from CUDA events around back-to-back calls."""
+def milliseconds(function: Callable[[], object], device: torch.device, warmup: int, iterations: int,
+                 rounds: int) -> float:
+    """The median over rounds of the mean time of one call, from back-to-back calls: timed with CUDA events on a
+    GPU, with the host clock on the CPU."""
     for _ in range(warmup):
         function()
     times = []
     for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iterations):
-            function()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iterations)
+        if device.type == 'cuda':
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iterations):
+                function()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end) / iterations)
+        else:
+            start_seconds = time.perf_counter()
+            for _ in range(iterations):
+                function()
+            times.append((time.perf_counter() - start_seconds) * 1e3 / iterations)
     return statistics.median(times)
 
 
-def peak_bandwidth_gbs(device: torch.device) -> float:
-    """Double data rate x bus width, from the device properties (0 where the driver does not report them)."""
+def driver_peak_gbs(device: torch.device) -> Optional[float]:
+    """Double data rate x bus width from the device properties; None where they are not reported (CUDA 13 dropped
+    the memory clock from cudaDeviceProp, and the driver's HBM clock may not give the datasheet's rate)."""
+    if device.type != 'cuda':
+        return None
     properties = torch.cuda.get_device_properties(device)
-    return 2 * properties.memory_clock_rate * 1e3 * properties.memory_bus_width / 8 / 1e9
+    clock_khz = getattr(properties, 'memory_clock_rate', 0)
+    bus_bits = getattr(properties, 'memory_bus_width', 0)
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9 if clock_khz and bus_bits else None
 
 
-def benchmark_shape(batch, channels, height, width, kernel_size, dtype, args) -> Dict[str, float]:
+def copy_bandwidth_gbs(device: torch.device, args: argparse.Namespace) -> float:
+    """GB/s of a large device-to-device copy, counting the bytes read and written: the practical ceiling."""
+    count = COPY_BYTES[device.type] // 4
+    source = torch.randn(count, device=device)
+    destination = torch.empty_like(source)
+    taken = milliseconds(lambda: destination.copy_(source), device, args.warmup, args.iterations, args.rounds)
+    return 2 * count * 4 / taken / 1e6
+
+
+def benchmark_shape(batch: int, channels: int, height: int, width: int, kernel_size: int, dtype: torch.dtype,
+                    device: torch.device, with_extension: bool, args: argparse.Namespace) -> Dict[str, float]:
     padding = kernel_size // 2
-    x = torch.randn(batch, channels, height, width, device='cuda', dtype=dtype, requires_grad=True)
-    weight = torch.randn(channels, 1, kernel_size, kernel_size, device='cuda', dtype=dtype, requires_grad=True)
-    bias = torch.randn(channels, device='cuda', dtype=dtype, requires_grad=True)
-    grad_output = torch.randn(batch, channels, height, width, device='cuda', dtype=dtype)
-    implementations = {
-        'cudnn': lambda *a: F.conv2d(*a, padding=padding, groups=channels),
-        'extension': lambda *a: kernels.dwconv2d(*a, padding),
+    x = torch.randn(batch, channels, height, width, device=device, dtype=dtype, requires_grad=True)
+    weight = torch.randn(channels, 1, kernel_size, kernel_size, device=device, dtype=dtype, requires_grad=True)
+    bias = torch.randn(channels, device=device, dtype=dtype, requires_grad=True)
+    grad_output = torch.randn(batch, channels, height, width, device=device, dtype=dtype)
+    channels_last = [t.detach().contiguous(memory_format=torch.channels_last).requires_grad_() for t in (x, weight)]
+    arguments = {
+        'nchw': (x, weight, bias),
+        'channels_last': (*channels_last, bias),
+        'extension': (x, weight, bias),
     }
+    gradients = {'nchw': grad_output, 'channels_last': grad_output.contiguous(memory_format=torch.channels_last),
+                 'extension': grad_output}
+    implementations = {
+        'nchw': lambda *a: F.conv2d(*a, padding=padding, groups=channels),
+        'channels_last': lambda *a: F.conv2d(*a, padding=padding, groups=channels),
+    }
+    if with_extension:
+        implementations['extension'] = lambda *a: kernels.dwconv2d(*a, padding)
+
+    result = {}
     with torch.no_grad():
-        expected = implementations['cudnn'](x, weight, bias).float()
-        difference = (implementations['extension'](x, weight, bias).float() - expected).abs().max().item()
-    result = {'relative_difference': difference / max(expected.abs().max().item(), 1e-30)}
-    activation_bytes = x.numel() * x.element_size()
+        expected = implementations['nchw'](*arguments['nchw']).float()
+        scale = max(expected.abs().max().item(), 1e-30)
+        for name, convolve in implementations.items():
+            if name != 'nchw':
+                difference = (convolve(*arguments[name]).float() - expected).abs().max().item()
+                result[f'{name}_relative_difference'] = difference / scale
     for name, convolve in implementations.items():
-        def forward():
+        inputs, grad = arguments[name], gradients[name]
+
+        def forward(convolve=convolve, inputs=inputs):
             with torch.no_grad():
-                convolve(x, weight, bias)
+                convolve(*inputs)
 
-        def forward_backward():
-            torch.autograd.grad(convolve(x, weight, bias), (x, weight, bias), grad_output)
+        def forward_backward(convolve=convolve, inputs=inputs, grad=grad):
+            torch.autograd.grad(convolve(*inputs), inputs, grad)
 
-        result[f'{name}_forward_ms'] = milliseconds(forward, args.warmup, args.iterations, args.rounds)
-        result[f'{name}_training_ms'] = milliseconds(forward_backward, args.warmup, args.iterations, args.rounds)
-    # the least traffic: forward reads x, writes y; backward reads grad_y, x, writes grad_x
+        result[f'{name}_forward_ms'] = milliseconds(forward, device, args.warmup, args.iterations, args.rounds)
+        result[f'{name}_training_ms'] = milliseconds(forward_backward, device, args.warmup, args.iterations,
+                                                     args.rounds)
+    # the least traffic: forward reads x, writes y; backward reads grad_y and x, writes grad_x
+    activation_bytes = x.numel() * x.element_size()
     result['forward_bytes'] = 2 * activation_bytes
     result['training_bytes'] = 5 * activation_bytes
     return result
 
 
-def main():
+def geometric_mean(values: List[float]) -> float:
+    return math.exp(statistics.fmean(math.log(value) for value in values))
+
+
+def summarise(rows: List[Dict], batch: int) -> List[Dict]:
+    """Per dtype, at ``batch``: the geometric-mean ratio of each PyTorch path's time to the extension's."""
+    summary = []
+    for dtype in dict.fromkeys(row['dtype'] for row in rows):
+        chosen = [row for row in rows
+                  if row['dtype'] == dtype and row['batch'] == batch and 'extension_forward_ms' in row]
+        if chosen:
+            ratios = {f'{path}_over_extension_{phase}': geometric_mean(
+                [row[f'{path}_{phase}_ms'] / row[f'extension_{phase}_ms'] for row in chosen])
+                for path in PYTORCH_PATHS for phase in ('forward', 'training')}
+            summary.append(dict(dtype=dtype, batch=batch, rows=len(chosen), **ratios))
+    return summary
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--batch', type=int, default=128)
+    parser.add_argument('--device', choices=('cuda', 'cpu'), default='cuda')
+    parser.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 128], metavar='N')
     parser.add_argument('--models', nargs='+', default=list(STAGE_SHAPES), choices=list(STAGE_SHAPES))
+    parser.add_argument('--kernel-sizes', type=int, nargs='+', default=[7, 9], choices=(3, 5, 7, 9),
+                        help='the layers to time, by kernel size (default: 7 9, those FAT_CUDA_DWCONV switches)')
     parser.add_argument('--dtypes', nargs='+', default=['float16', 'bfloat16'], choices=list(DTYPES))
     parser.add_argument('--warmup', type=int, default=10)
     parser.add_argument('--iterations', type=int, default=50)
     parser.add_argument('--rounds', type=int, default=5)
-    parser.add_argument('--peak-gbs', type=float, help='the GPU memory bandwidth in GB/s (default: from the driver)')
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit('the benchmark needs a CUDA GPU')
-    if not kernels.cuda_extension_available():
-        raise SystemExit(f'the CUDA extension kernels._dwconv_cuda is not built ({kernels.ops.EXTENSION_ERROR})')
+    parser.add_argument('--peak-gbs', type=float,
+                        help='the bandwidth the achieved figures are given against, in GB/s (default: measured copy)')
+    parser.add_argument('--json', type=Path, metavar='FILE', help='also write every figure to FILE')
+    args = parser.parse_args(argv)
+    for option in ('iterations', 'rounds'):
+        if getattr(args, option) < 1:
+            parser.error(f'--{option} must be at least 1')
+    if args.warmup < 0 or min(args.batch_sizes) < 1:
+        parser.error('--warmup must not be negative and --batch-sizes must be at least 1')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit('--device cuda: no CUDA GPU is available (--device cpu rehearses the harness on the CPU)')
+    with_extension = device.type == 'cuda' and kernels.cuda_extension_available()
     torch.backends.cudnn.benchmark = True
-    device = torch.device('cuda')
-    peak = args.peak_gbs or peak_bandwidth_gbs(device)
-    if args.peak_gbs:
-        peak_text = f'{peak:.0f} GB/s (--peak-gbs)'
-    else:
-        peak_text = f'{peak:.0f} GB/s (from the driver)' if peak else 'not reported by the driver (pass --peak-gbs)'
-    print(f'{torch.cuda.get_device_name(device)}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, '
-          f'batch {args.batch}, peak bandwidth {peak_text}')
-    print('ratio: cuDNN time / extension time (> 1: the extension is faster); GB/s: the least bytes moved / time; '
-          'rel diff: max |extension - cuDNN| / max |cuDNN| of the forward')
-    header = (f"{'model':8} {'C,H,W,k':>13} {'dtype':>8} | {'forward ms':^21} | {'forward+backward ms':^21} | "
-              f"{'forward GB/s (% of peak)':^27} | {'fwd+bwd GB/s (% of peak)':^27} | {'rel diff':>8}")
-    times = f"{'cuDNN':>7} {'ext':>7} {'ratio':>5}"
-    columns = f"{'':8} {'':>13} {'':>8} | {times} | {times} | {'cuDNN':>13} {'ext':>13} | {'cuDNN':>13} {'ext':>13} |"
+    copy_gbs = copy_bandwidth_gbs(device, args)
+    driver_gbs = driver_peak_gbs(device)
+    reference_gbs = args.peak_gbs or copy_gbs
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
+    print(f'{name}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}; device-to-device copy '
+          f'{copy_gbs:.0f} GB/s, driver peak {f"{driver_gbs:.0f} GB/s" if driver_gbs else "not reported"}; '
+          f'% of {reference_gbs:.0f} GB/s ({"--peak-gbs" if args.peak_gbs else "the copy"})')
+    if device.type == 'cuda' and not with_extension:
+        print(f'the extension is not built ({kernels.ops.EXTENSION_ERROR}): PyTorch\'s paths only')
+    paths = PYTORCH_PATHS + (('extension',) if with_extension else ())
+    print('times in ms; ratio: PyTorch time / extension time (> 1: the extension is faster); GB/s: least bytes / time; '
+          'diff: max |path - nchw| / max |nchw| of the forward')
+    header = f"{'model':7} {'batch':>5} {'C,H,W,k':>12} {'dtype':>8} | " + ' | '.join(
+        f"{phase}: " + ' '.join(f'{path:>13}' for path in paths) for phase in ('fwd', 'fwd+bwd'))
     print(header)
-    print(columns)
     print('-' * len(header))
 
-    def bandwidth(bytes_moved, milliseconds_taken):
-        gbs = bytes_moved / milliseconds_taken / 1e6
-        return f"{gbs:6.0f} ({100 * gbs / peak:3.0f}%)" if peak else f"{gbs:6.0f}  (?)   "
+    def cell(row, path, phase):
+        milliseconds_taken = row[f'{path}_{phase}_ms']
+        gbs = row[f'{phase}_bytes'] / milliseconds_taken / 1e6
+        ratio = ''
+        if with_extension and path != 'extension':
+            ratio = f" {milliseconds_taken / row[f'extension_{phase}_ms']:4.2f}x"
+        return f'{milliseconds_taken:7.4f} {100 * gbs / reference_gbs:3.0f}%{ratio}'
 
-    ratios = {}
-    for model in args.models:
-        for channels, height, width, kernel_size in STAGE_SHAPES[model]:
-            for dtype_name in args.dtypes:
-                r = benchmark_shape(args.batch, channels, height, width, kernel_size, DTYPES[dtype_name], args)
-                forward_ratio = r['cudnn_forward_ms'] / r['extension_forward_ms']
-                training_ratio = r['cudnn_training_ms'] / r['extension_training_ms']
-                ratios[(model, kernel_size, dtype_name)] = (forward_ratio, training_ratio)
-                print(f"{model:8} {f'{channels},{height},{width},{kernel_size}':>13} {dtype_name:>8} | "
-                      f"{r['cudnn_forward_ms']:7.4f} {r['extension_forward_ms']:7.4f} {forward_ratio:5.2f} | "
-                      f"{r['cudnn_training_ms']:7.4f} {r['extension_training_ms']:7.4f} {training_ratio:5.2f} | "
-                      f"{bandwidth(r['forward_bytes'], r['cudnn_forward_ms'])} "
-                      f"{bandwidth(r['forward_bytes'], r['extension_forward_ms'])} | "
-                      f"{bandwidth(r['training_bytes'], r['cudnn_training_ms'])} "
-                      f"{bandwidth(r['training_bytes'], r['extension_training_ms'])} | "
-                      f"{r['relative_difference']:8.1e}")
-    switched = [ratio for (_, kernel_size, _), ratio in ratios.items() if kernel_size >= 7]
-    if switched:
-        geometric_mean = [math.exp(statistics.fmean(math.log(r[i]) for r in switched)) for i in (0, 1)]
-        print(f'kernels >= 7 (what FAT_CUDA_DWCONV=1 switches): geometric-mean ratio forward {geometric_mean[0]:.2f}, '
-              f'forward+backward {geometric_mean[1]:.2f}')
+    rows = []
+    for batch in args.batch_sizes:
+        for model in args.models:
+            for channels, height, width, kernel_size in STAGE_SHAPES[model]:
+                if kernel_size not in args.kernel_sizes:
+                    continue
+                for dtype_name in args.dtypes:
+                    row = dict(model=model, batch=batch, channels=channels, height=height, width=width,
+                               kernel_size=kernel_size, dtype=dtype_name)
+                    row.update(benchmark_shape(batch, channels, height, width, kernel_size, DTYPES[dtype_name],
+                                               device, with_extension, args))
+                    for phase in ('forward', 'training'):
+                        for path in paths:
+                            row[f'{path}_{phase}_gbs'] = row[f'{phase}_bytes'] / row[f'{path}_{phase}_ms'] / 1e6
+                    rows.append(row)
+                    differences = ' '.join(f"{row[f'{path}_relative_difference']:.0e}" for path in paths[1:])
+                    print(f"{model:7} {batch:5} {f'{channels},{height},{width},{kernel_size}':>12} {dtype_name:>8} | "
+                          + ' | '.join(' '.join(cell(row, path, phase) for path in paths)
+                                       for phase in ('forward', 'training')) + f' | diff {differences}')
+    summary = summarise(rows, max(args.batch_sizes))
+    for entry in summary:
+        print(f"batch {entry['batch']}, {entry['dtype']}, {entry['rows']} layers: geometric-mean ratio over the "
+              f"extension: channels-last forward {entry['channels_last_over_extension_forward']:.2f}, "
+              f"forward+backward {entry['channels_last_over_extension_training']:.2f}; NCHW forward "
+              f"{entry['nchw_over_extension_forward']:.2f}, forward+backward "
+              f"{entry['nchw_over_extension_training']:.2f}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dict(
+            device=name, torch=torch.__version__, cudnn=torch.backends.cudnn.version(), copy_gbs=copy_gbs,
+            driver_peak_gbs=driver_gbs, reference_gbs=reference_gbs, extension=with_extension,
+            extension_error=None if with_extension else
+            kernels.ops.EXTENSION_ERROR or 'the extension runs on CUDA tensors only',
+            settings=dict(warmup=args.warmup, iterations=args.iterations, rounds=args.rounds),
+            rows=rows, summary=summary), indent=2) + '\n')
 
 
 if __name__ == '__main__':
