@@ -58,21 +58,22 @@ class PointwiseConv(nn.Conv2d):
 
     def fuse(self) -> 'PointwiseLinear':
         linear = PointwiseLinear(
-            self.in_channels, self.out_channels, device=self.weight.device, dtype=self.weight.dtype)
-        linear.weight.data.copy_(self.weight.flatten(1))
-        linear.bias.data.copy_(self.bias)
+            self.in_channels, self.out_channels, 1, device=self.weight.device, dtype=self.weight.dtype)
+        linear.load_state_dict(self.state_dict())
         return linear
 
 
-class PointwiseLinear(nn.Linear):
+class PointwiseLinear(nn.Conv2d):
     """Inference form of ``PointwiseConv``: a channels-last input runs as one matrix product over its channels,
-    without the copies and the oneDNN overhead of a 1x1 convolution, and stays channels-last; any other
-    layout runs as the 1x1 convolution."""
+    without the copies and the oneDNN overhead of a 1x1 convolution, and stays channels-last. Any other layout (the
+    NCHW graphs exported for ONNX, OpenVINO and ExecuTorch) runs the 1x1 convolution of the module's own weight,
+    which each runtime's convolution kernels take as a constant: ExecuTorch's XNNPACK delegate leaves a convolution
+    whose weight is computed in the graph to a slow portable kernel (FAT-B0: 2.6 s instead of milliseconds)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_contiguous(memory_format=torch.channels_last):
-            return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
-        return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+            return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+        return self._conv_forward(x, self.weight, self.bias)
 
 
 class ResidualDepthwiseConv(nn.Conv2d):

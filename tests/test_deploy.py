@@ -1,4 +1,5 @@
-"""The inference (deploy) form reached through timm.utils.reparameterize_model, ONNX export, the benchmark."""
+"""The inference (deploy) form reached through timm.utils.reparameterize_model, the exporter (ONNX, OpenVINO,
+ExecuTorch), the benchmark."""
 import json
 import statistics
 
@@ -8,7 +9,7 @@ import timm
 import torch
 from timm.utils import reparameterize_model
 
-from classification import benchmark, export_onnx
+from classification import benchmark, export
 from classification.fat import PointwiseConv, ResidualDepthwiseConv
 from classification.registry import model_names
 
@@ -103,23 +104,63 @@ def test_deploy_form_keeps_channels_last_and_features():
         assert relative_error(feature, reference) <= 1e-5
 
 
-@pytest.mark.slow
-def test_onnx_export_runs_in_onnxruntime_at_any_batch_and_size(tmp_path):
-    model = export_onnx.build_model('fat_b0')
-    output = export_onnx.export(model, tmp_path / 'fat_b0.onnx', img_size=64)
-    assert [path.name for path in tmp_path.iterdir()] == ['fat_b0.onnx']  # one file, weights included
-    graph = onnx.load(str(output))
-    assert graph.opset_import[0].version >= 17
-    dims = graph.graph.input[0].type.tensor_type.shape.dim
-    assert [d.dim_param != '' for d in dims] == [True, False, True, True]
-    errors = export_onnx.verify(model, output, [(1, 3, 224, 224), (3, 3, 97, 131)])
-    assert max(errors) <= 1e-4
+# FAT-B0, an ablation model (its projection takes both branches) and LVT, whose graph depends on the input size
+EXPORTED_MODELS = ('fat_b0', 'fat_b0_cat', 'lvt_cls')
+
+
+@pytest.fixture(scope='module')
+def traced_models():
+    """Each exported model (norms randomised, inference form) and its traces, made once per model and bounds."""
+    cache = {}
+
+    def get(name: str, fmt: str):
+        if name not in cache:
+            torch.manual_seed(0)
+            cache[name] = (reparameterize_model(randomize_norms(timm.create_model(name))), {})
+        model, traces = cache[name]
+        bounded = fmt == 'executorch'
+        if bounded not in traces:
+            traces[bounded] = export.trace(model, 64, fmt)
+        return model, traces[bounded]
+    return get
 
 
 @pytest.mark.slow
-def test_onnx_export_command_with_the_torchscript_exporter(tmp_path, capsys):
-    export_onnx.main(['--model', 'fat_b0', '--output', str(tmp_path / 'fat_b0.onnx'), '--exporter', 'torchscript',
-                      '--opset', '17', '--img-size', '64'])
+@pytest.mark.parametrize('fmt', tuple(export.FORMATS))
+@pytest.mark.parametrize('name', EXPORTED_MODELS)
+def test_export_runs_in_its_runtime_like_pytorch(name, fmt, traced_models, tmp_path):
+    model, traced = traced_models(name, fmt)
+    output = tmp_path / f'{name}{export.FORMATS[fmt]}'
+    dynamic_size = export.export(model, output, fmt, img_size=64, traced=traced)
+    assert dynamic_size == (name != 'lvt_cls')
+    expected_files = {output.name} | ({output.with_suffix('.bin').name} if fmt == 'openvino' else set())
+    assert {path.name for path in tmp_path.iterdir()} == expected_files  # no temporary left, ONNX weights inside
+    if fmt == 'onnx':
+        dims = onnx.load(str(output)).graph.input[0].type.tensor_type.shape.dim
+        assert [d.dim_param != '' for d in dims] == [True, False, dynamic_size, dynamic_size]
+    shapes = export.verify_shapes(64, dynamic_size)
+    if dynamic_size:
+        assert shapes[1][0] > 1 and shapes[1][2] % 32 and shapes[1][3] % 32
+    errors = export.verify(model, output, fmt, shapes)
+    assert max(errors) <= 1e-4, errors
+
+
+@pytest.mark.slow
+def test_export_command_to_a_new_folder_twice(tmp_path, capsys):
+    output = tmp_path / 'new' / 'folder' / 'fat_b0.xml'
+    for _ in range(2):  # the second run replaces the first's files
+        export.main(['--model', 'fat_b0', '--format', 'openvino', '--output', str(output), '--img-size', '64'])
+        printed = capsys.readouterr().out
+        assert f'wrote {output} and {output.with_suffix(".bin")} (fat_b0, openvino, inference form)' in printed
+        errors = [float(line.rsplit(' ', 1)[1]) for line in printed.splitlines() if 'relative error' in line]
+        assert len(errors) == 2 and max(errors) <= 1e-4
+        assert sorted(path.name for path in output.parent.iterdir()) == ['fat_b0.bin', 'fat_b0.xml']
+
+
+@pytest.mark.slow
+def test_export_command_with_the_torchscript_onnx_exporter(tmp_path, capsys):
+    export.main(['--model', 'fat_b0', '--format', 'onnx', '--output', str(tmp_path / 'fat_b0.onnx'),
+                 '--exporter', 'torchscript', '--opset', '17', '--img-size', '64'])
     printed = capsys.readouterr().out
     assert 'opset 17, torchscript exporter, inference form' in printed
     errors = [float(line.rsplit(' ', 1)[1]) for line in printed.splitlines() if 'relative error' in line]
@@ -127,29 +168,39 @@ def test_onnx_export_command_with_the_torchscript_exporter(tmp_path, capsys):
     assert onnx.load(str(tmp_path / 'fat_b0.onnx')).opset_import[0].version == 17
 
 
-def test_onnx_export_of_a_checkpoint_with_another_classifier(tmp_path):
+def test_export_of_a_checkpoint_with_another_classifier(tmp_path):
     source = timm.create_model('fat_b0', num_classes=7)
     torch.save(source.state_dict(), tmp_path / 'fat_b0_7.pth')
-    model = export_onnx.build_model('fat_b0', tmp_path / 'fat_b0_7.pth')
+    model = export.build_model('fat_b0', tmp_path / 'fat_b0_7.pth')
     images = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert relative_error(model(images), source.eval()(images)) <= 1e-5
 
 
-def test_onnx_export_names_a_checkpoint_of_another_variant(tmp_path):
+@pytest.mark.parametrize('fmt', tuple(export.FORMATS))
+def test_export_names_a_checkpoint_of_another_variant(fmt, tmp_path):
     torch.save(timm.create_model('fat_b1').state_dict(), tmp_path / 'fat_b1.pth')
+    output = tmp_path / f'fat_b0{export.FORMATS[fmt]}'
     with pytest.raises(SystemExit) as stop:
-        export_onnx.main(['--model', 'fat_b0', '--checkpoint', str(tmp_path / 'fat_b1.pth'),
-                          '--output', str(tmp_path / 'fat_b0.onnx')])
+        export.main(['--model', 'fat_b0', '--checkpoint', str(tmp_path / 'fat_b1.pth'), '--format', fmt,
+                     '--output', str(output)])
     assert str(stop.value.code).startswith(f'error: {tmp_path / "fat_b1.pth"}: checkpoint does not fit fat_b0 '
                                            '(is it of another variant?)')
-    assert not (tmp_path / 'fat_b0.onnx').exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ['fat_b1.pth']
 
 
-def test_onnx_export_refuses_an_opset_below_the_exporters(tmp_path, capsys):
+@pytest.mark.parametrize('argv, message', [
+    (['--format', 'tflite', '--output', 'x.tflite'], "argument --format: invalid choice: 'tflite'"),
+    (['--format', 'openvino', '--output', 'x.onnx'], '--output of --format openvino must end in .xml'),
+    (['--format', 'onnx', '--output', 'x.onnx', '--opset', '17'], 'needs opset >= 18'),
+    (['--format', 'executorch', '--output', 'x.pte', '--opset', '18'], '--opset and --exporter apply to --format onnx'),
+    (['--format', 'onnx', '--output', 'x.onnx', '--img-size', '16'], 'the image size must be at least 33'),
+    (['--format', 'onnx', '--output', 'x.onnx', '--checkpoint', 'missing.pth'], '--checkpoint missing.pth: no such'),
+])
+def test_export_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
-        export_onnx.main(['--model', 'fat_b0', '--output', str(tmp_path / 'x.onnx'), '--opset', '17'])
-    assert 'needs opset >= 18' in capsys.readouterr().err
+        export.main(['--model', 'fat_b0', *argv])
+    assert message in capsys.readouterr().err
 
 
 def test_benchmark_tiny_run_writes_table_csv_and_json(tmp_path, capsys):
