@@ -114,10 +114,14 @@ class Traced(NamedTuple):
     dynamic_size: bool  # the program takes any height and width (within its bounds), not only the example's
 
 
-def trace(model: torch.nn.Module, img_size: int, fmt: str) -> Traced:
+def trace(model: torch.nn.Module, img_size: int, fmt: str, batch_size: Optional[int] = None) -> Traced:
     """``model`` as one ``torch.export`` program, which every format converts: dynamic batch, height and width
     (bounded for ExecuTorch, which plans its memory for the largest input). A model whose graph depends on the
-    input size (a window partition fixed at trace time, say) keeps its batch dynamic and the example's size."""
+    input size (a window partition fixed at trace time, say) keeps its batch dynamic and the example's size.
+    With ``batch_size``, the program takes that batch of ``img_size`` images only (the benchmark's static graphs)."""
+    if batch_size is not None:
+        with torch.no_grad():
+            return Traced(torch.export.export(model, (torch.randn(batch_size, 3, img_size, img_size),)), False)
     bounded = fmt == 'executorch'
     batch = torch.export.Dim('batch', min=1, max=MAX_EXECUTORCH_BATCH if bounded else None)
     # from 33 pixels: the model's stride-32 map then has more than one position, which the trace assumes
@@ -222,8 +226,11 @@ def load_runtime(path: Path, fmt: str, threads: Optional[int] = None) -> Callabl
         compiled = openvino.Core().compile_model(str(path), 'CPU', config)
         request = compiled.create_infer_request()
         return lambda images: request.infer([images])[0]
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
     from executorch.runtime import Runtime
 
+    if threads:
+        _unsafe_reset_threadpool(threads)  # XNNPACK's thread pool, shared by every program of the process
     method = Runtime.get().load_program(path).load_method('forward')
     return lambda images: method.execute([torch.from_numpy(images)])[0].numpy()
 

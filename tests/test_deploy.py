@@ -203,6 +203,29 @@ def test_export_rejects_bad_arguments(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_benchmark_times_each_runtime_in_its_own_block(tmp_path, capsys):
+    benchmark.main(['--models', 'fat_b0', 'edgenext_x_small', '--backend', 'authors', 'openvino', 'executorch',
+                    '--warmup', '1', '--latency-rounds', '3', '--throughput-batch-sizes', '2', '--throughput-warmup',
+                    '0', '--throughput-rounds', '1', '--no-flops', '--output-dir', str(tmp_path)])
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / 'benchmark.json').read_text())
+    assert [(row['backend'], row['model']) for row in result['rows']] == [
+        (backend, model) for backend in ('authors', 'openvino', 'executorch') for model in ('fat_b0', 'edgenext_x_small')]
+    assert result['machine']['openvino'] and result['machine']['executorch']
+    for backend in ('openvino', 'executorch'):
+        rounds = result['seconds_per_round'][backend]
+        assert [len(rounds['latency_ms'][model]) for model in ('fat_b0', 'edgenext_x_small')] == [3, 3]
+        assert len(rounds['throughput_b2']['fat_b0']) == 1
+    versus_authors = {c['backend']: c for c in result['comparisons'] if 'versus_backend' in c}
+    assert set(versus_authors) == {'openvino', 'executorch'}
+    openvino = versus_authors['openvino']
+    assert openvino['latency_ratio'] == pytest.approx(
+        statistics.median(result['seconds_per_round']['openvino']['latency_ms']['fat_b0'])
+        / statistics.median(result['seconds_per_round']['authors']['latency_ms']['fat_b0']))
+    assert 'latency openvino fat_b0 / authors fat_b0' in printed and 'executorch:' in printed
+
+
 def test_benchmark_tiny_run_writes_table_csv_and_json(tmp_path, capsys):
     benchmark.main(['--models', 'fat_b0', 'edgenext_x_small', '--warmup', '1', '--latency-rounds', '2',
                     '--throughput-batch-sizes', '2', '--throughput-warmup', '0', '--throughput-rounds', '1',
@@ -216,7 +239,7 @@ def test_benchmark_tiny_run_writes_table_csv_and_json(tmp_path, capsys):
     assert fat['gflops'] == pytest.approx(0.76, abs=0.01) and fat['top1'] == 77.6
     assert peer['vs'] == 'fat_b0'
     # the peer's latency ratio: the median over rounds of the two models' times in the same round
-    rounds = result['seconds_per_round']['latency_ms']
+    rounds = result['seconds_per_round']['torch']['latency_ms']
     per_round = [peer_time / fat_time for peer_time, fat_time in zip(rounds['edgenext_x_small'], rounds['fat_b0'])]
     assert len(per_round) == 2 and peer['latency_ms_x_fat'] == pytest.approx(statistics.median(per_round))
     assert fat['latency_ms'] == pytest.approx(1e3 * statistics.median(rounds['fat_b0']))
@@ -238,6 +261,9 @@ def test_benchmark_tiny_run_writes_table_csv_and_json(tmp_path, capsys):
 @pytest.mark.parametrize('argv, message', [
     (['--models', 'fat_b0', 'no_such_model'], 'unknown timm model(s): no_such_model'),
     (['--train-batch-size', '1'], '--train-batch-size must be at least 2'),
+    (['--backend', 'tensorrt'], "argument --backend: invalid choice: 'tensorrt'"),
+    (['--backend', 'openvino', 'openvino'], '--backend lists a backend twice'),
+    (['--compare-backends', 'openvino:fat_b0'], '--compare-backends takes pairs BACKEND/MODEL:BACKEND/MODEL'),
 ])
 def test_benchmark_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
