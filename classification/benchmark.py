@@ -174,10 +174,11 @@ BACKENDS = ('torch', 'authors') + tuple(RUNTIMES)
 
 
 def runtime_models(models: Dict[str, torch.nn.Module], backend: str, batch_sizes: Sequence[int], threads: int,
-                   folder: Path) -> Dict[int, Dict[str, Callable]]:
+                   folder: Path, traces: Dict) -> Dict[int, Dict[str, Callable]]:
     """Per batch size, each model (in its inference form) exported by ``classification.export`` for that batch of
     images at its own resolution (static shapes, as a deployed model runs) and loaded in ``backend``'s runtime; a
-    model that fails to export or load is left out with a message."""
+    model that fails to export or load is left out with a message. ``traces`` keeps the static programs, which
+    every runtime converts, from one backend to the next."""
     fmt = RUNTIMES[backend]
     runners: Dict[int, Dict[str, Callable]] = {batch_size: {} for batch_size in batch_sizes}
     for name, model in models.items():
@@ -185,8 +186,9 @@ def runtime_models(models: Dict[str, torch.nn.Module], backend: str, batch_sizes
         for batch_size in batch_sizes:
             path = folder / f'{name}_b{batch_size}{export.FORMATS[fmt]}'
             try:
-                traced = export.trace(model, input_size, fmt, batch_size=batch_size)
-                export.export(model, path, fmt, input_size, traced=traced)
+                if (name, batch_size) not in traces:
+                    traces[name, batch_size] = export.trace(model, input_size, fmt, batch_size=batch_size)
+                export.export(model, path, fmt, input_size, traced=traces[name, batch_size])
                 runners[batch_size][name] = export.load_runtime(path, fmt, threads)
             except Exception as error:  # noqa: BLE001  (a peer that a runtime cannot take is reported, not fatal)
                 print(f'{backend}: {name} at batch {batch_size} left out ({type(error).__name__}: '
@@ -259,13 +261,14 @@ def _load_average() -> Optional[float]:
 
 
 def time_backend(backend: str, args: argparse.Namespace, models: Dict[str, torch.nn.Module], device: torch.device,
-                 amp_dtype: Optional[torch.dtype]) -> Dict[str, Dict[str, List[float]]]:
-    """Seconds per round of every model in one backend, per figure (``latency_ms``, ``throughput_bN``, ...)."""
+                 amp_dtype: Optional[torch.dtype], traces: Dict) -> Dict[str, Dict[str, List[float]]]:
+    """Seconds per round of every model in one backend, per figure (``latency_ms``, ``throughput_bN``, ...);
+    ``traces``: see ``runtime_models``."""
     input_sizes = {name: model.pretrained_cfg['input_size'][-1] for name, model in models.items()}
     if backend in RUNTIMES:
         batch_sizes = [1, *args.throughput_batch_sizes]
         with tempfile.TemporaryDirectory(prefix=f'benchmark-{backend}-') as folder:
-            runners = runtime_models(models, backend, batch_sizes, args.threads, Path(folder))
+            runners = runtime_models(models, backend, batch_sizes, args.threads, Path(folder), traces)
             time.sleep(1)  # let the threads of the exports' PyTorch calls go idle before timing
             timings = {'latency_ms': measure_runtime_interleaved(runners[1], 1, input_sizes, args.warmup,
                                                                  args.latency_rounds)}
@@ -360,10 +363,10 @@ def run(args: argparse.Namespace) -> Dict:
     runtime_forms = {name: reparameterize_model(model) for name, model in models.items()}
 
     # each backend is timed in its own block, the models taking turns within it: never two runtimes call after call
-    rows, comparisons, timings = [], [], {}
+    rows, comparisons, timings, traces = [], [], {}, {}
     for backend in args.backend:
         timings[backend] = time_backend(backend, args, runtime_forms if backend in RUNTIMES else models, device,
-                                        amp_dtype)
+                                        amp_dtype, traces)
         backend_rows, backend_comparisons = backend_figures(backend, model_rows, timings[backend], args.compare)
         rows += backend_rows
         comparisons += backend_comparisons

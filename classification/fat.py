@@ -39,6 +39,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq, named_apply
 
 from .checkpoint_io import CheckpointError, check_state_dict_fits, load_weights
+from .export import is_exporting
 from .token_mixers import TOKEN_MIXERS
 
 __all__ = ['FAT', 'checkpoint_filter_fn']
@@ -172,6 +173,17 @@ def kv_downsample_layer(kind: str, dim: int, window_size: int) -> nn.Module:
     return nn.Conv2d(dim, dim, kernel_size, stride=window_size, padding=padding, groups=dim)
 
 
+def channels_first_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of queries, keys and values laid out (batch, heads, head_dim, tokens), as FASA's 1x1 convolutions
+    give them, in that layout: the scores (batch, heads, keys, queries) are normalised over the keys and the values
+    multiply them from the left, so that no tensor of all the queries is transposed. What ``torch.export`` graphs of
+    FASA compute: OpenVINO and ExecuTorch run it faster than ``F.scaled_dot_product_attention`` over transposed
+    tensors (ExecuTorch leaves parts of that one's decomposition to slow portable kernels). Equal to it up to float
+    rounding."""
+    scores = (k * k.shape[-2] ** -0.5).transpose(-1, -2) @ q
+    return v @ scores.softmax(dim=-2)
+
+
 KV_DOWNSAMPLINGS = ('refined', 'pool', 'conv', 'overlap')
 # How FASA combines its local branch l (self-modulated: silu of the local mixer) and its attention output g:
 # the released code's proj(l * silu(g)), or the ablation's proj(l + g), proj([l, g]), proj(l * g).
@@ -210,10 +222,14 @@ class FASA(nn.Module):
         local = F.silu(self.local_mixer(q))
 
         kv = self.kv(self.kv_downsample(x)).reshape(batch, 2, self.num_heads, self.head_dim, -1)
-        k, v = kv.transpose(-1, -2).unbind(1)
-        q = q.reshape(batch, self.num_heads, self.head_dim, height * width).transpose(-1, -2)
-        glob = F.scaled_dot_product_attention(q, k, v)
-        glob = glob.transpose(-1, -2).reshape(batch, dim, height, width)
+        q = q.reshape(batch, self.num_heads, self.head_dim, height * width)
+        if is_exporting():
+            k, v = kv.unbind(1)
+            glob = channels_first_attention(q, k, v)
+        else:
+            k, v = kv.transpose(-1, -2).unbind(1)
+            glob = F.scaled_dot_product_attention(q.transpose(-1, -2), k, v).transpose(-1, -2)
+        glob = glob.reshape(batch, dim, height, width)
         if self.interaction == 'add':
             return self.proj(local + glob)
         if self.interaction == 'cat':

@@ -7,9 +7,10 @@ import onnx
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from timm.utils import reparameterize_model
 
-from classification import benchmark, export
+from classification import benchmark, export, fat, lvt
 from classification.fat import PointwiseConv, ResidualDepthwiseConv
 from classification.registry import model_names
 
@@ -102,6 +103,22 @@ def test_deploy_form_keeps_channels_last_and_features():
     for feature, reference in zip(features, expected):
         assert feature.is_contiguous(memory_format=torch.channels_last)
         assert relative_error(feature, reference) <= 1e-5
+
+
+def test_exported_graphs_take_the_runtime_friendly_attention_and_overlap_add():
+    """What torch.export traces: FASA's channels-first attention and CSA's overlap-add by transposed convolution,
+    equal to the eager paths to float rounding."""
+    q, k, v = torch.randn(2, 5, 16, 70), torch.randn(2, 5, 16, 9), torch.randn(2, 5, 16, 9)
+    reference = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+    assert relative_error(fat.channels_first_attention(q, k, v), reference.transpose(-1, -2)) <= 1e-6
+    windows = torch.randn(2, 4, 9, 7, 6)
+    torch.testing.assert_close(lvt.overlap_add_transposed_conv(windows, 13, 11, 3, 2),
+                               lvt.overlap_add(windows, 13, 11, 3, 2))
+    for name, present, absent in (('fat_b0', 'aten.softmax', 'scaled_dot_product_attention'),
+                                  ('lvt', 'aten.conv_transpose2d', 'aten.slice_scatter')):
+        program = export.trace(reparameterize_model(timm.create_model(name).eval()), 64, 'onnx', batch_size=1)
+        graph = str(program.program.graph)
+        assert present in graph and absent not in graph
 
 
 # FAT-B0, an ablation model (its projection takes both branches) and LVT, whose graph depends on the input size
