@@ -222,25 +222,26 @@ def test_export_rejects_bad_arguments(argv, message, capsys):
 
 @pytest.mark.slow
 def test_benchmark_times_each_runtime_in_its_own_block(tmp_path, capsys):
-    benchmark.main(['--models', 'fat_b0', 'edgenext_x_small', '--backend', 'authors', 'openvino', 'executorch',
+    benchmark.main(['--models', 'fat_b0', 'edgenext_x_small', '--backend', 'authors', 'openvino',
                     '--warmup', '1', '--latency-rounds', '3', '--throughput-batch-sizes', '2', '--throughput-warmup',
                     '0', '--throughput-rounds', '1', '--no-flops', '--output-dir', str(tmp_path)])
     printed = capsys.readouterr().out
     result = json.loads((tmp_path / 'benchmark.json').read_text())
     assert [(row['backend'], row['model']) for row in result['rows']] == [
-        (backend, model) for backend in ('authors', 'openvino', 'executorch') for model in ('fat_b0', 'edgenext_x_small')]
-    assert result['machine']['openvino'] and result['machine']['executorch']
-    for backend in ('openvino', 'executorch'):
-        rounds = result['seconds_per_round'][backend]
-        assert [len(rounds['latency_ms'][model]) for model in ('fat_b0', 'edgenext_x_small')] == [3, 3]
-        assert len(rounds['throughput_b2']['fat_b0']) == 1
-    versus_authors = {c['backend']: c for c in result['comparisons'] if 'versus_backend' in c}
-    assert set(versus_authors) == {'openvino', 'executorch'}
-    openvino = versus_authors['openvino']
-    assert openvino['latency_ratio'] == pytest.approx(
-        statistics.median(result['seconds_per_round']['openvino']['latency_ms']['fat_b0'])
+        (backend, model) for backend in ('authors', 'openvino') for model in ('fat_b0', 'edgenext_x_small')]
+    assert result['machine']['openvino']
+    rounds = result['seconds_per_round']['openvino']
+    assert [len(rounds['latency_ms'][model]) for model in ('fat_b0', 'edgenext_x_small')] == [3, 3]
+    assert len(rounds['throughput_b2']['fat_b0']) == 1
+    peer = result['rows'][3]
+    assert peer['latency_ms_x_fat'] == pytest.approx(statistics.median(
+        a / b for a, b in zip(rounds['latency_ms']['edgenext_x_small'], rounds['latency_ms']['fat_b0'])))
+    (versus_authors,) = [c for c in result['comparisons'] if 'versus_backend' in c]
+    assert (versus_authors['backend'], versus_authors['versus_backend']) == ('openvino', 'authors')
+    assert versus_authors['latency_ratio'] == pytest.approx(
+        statistics.median(rounds['latency_ms']['fat_b0'])
         / statistics.median(result['seconds_per_round']['authors']['latency_ms']['fat_b0']))
-    assert 'latency openvino fat_b0 / authors fat_b0' in printed and 'executorch:' in printed
+    assert 'latency openvino fat_b0 / authors fat_b0' in printed and 'openvino:' in printed
 
 
 def test_benchmark_tiny_run_writes_table_csv_and_json(tmp_path, capsys):
