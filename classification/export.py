@@ -274,7 +274,7 @@ def verify_shapes(img_size: int, dynamic_size: bool) -> List[Tuple[int, int, int
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f'python -m {__spec__.name}', description=__doc__.splitlines()[0])
     names = model_names(ablations=True)
     parser.add_argument('--model', required=True, choices=names, metavar='NAME', help=f'one of {", ".join(names)}')
     parser.add_argument('--checkpoint', type=Path, help='weights to export (the authors\' or this project\'s)')
