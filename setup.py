@@ -1,23 +1,69 @@
-"""Install with `make setup` (see README): mmcv must be compiled against the pinned torch first."""
+"""The fat-vit distribution: the repository's packages under one import name, ``fat_vit``.
+
+A checkout runs its folders as top-level packages (``python -m classification.train``, ``import classification``):
+``make setup`` installs only the pinned dependencies (requirements.txt) for that. ``pip install .`` installs them as
+``fat_vit.classification``, ``fat_vit.openmmlab``, ``fat_vit.detection``, ``fat_vit.segmentation`` and
+``fat_vit.kernels``, so that nothing generic lands on the user's path (``kernels`` is also Hugging Face's package):
+the build copies each module under ``fat_vit/`` and points its imports of the other packages there
+(``nest_imports``). An editable install cannot do that rewriting, so it is refused with directions.
+"""
+import ast
 import os
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+from setuptools.command.develop import develop
+from setuptools.command.editable_wheel import editable_wheel
 
 ROOT = Path(__file__).parent
+DISTRIBUTION_PACKAGE = 'fat_vit'
+PROJECT_PACKAGES = ('classification', 'openmmlab', 'detection', 'segmentation', 'kernels')
 
 
-def pinned(*names):
-    """The requirement lines of requirements.txt for these packages: the pins live there only."""
-    lines = [line.strip() for line in (ROOT / 'requirements.txt').read_text().splitlines()]
-    requirements = {}
-    for line in lines:
-        if line and not line.startswith('#'):
-            name = line.split(';')[0]
-            for separator in '=<>!~[':
-                name = name.split(separator)[0]
-            requirements[name.strip().lower()] = line
-    return [requirements[name] for name in names]
+def nest_imports(source: str, filename: str) -> str:
+    """``source`` with its absolute imports of the project's packages pointed into ``fat_vit``:
+    ``from classification.x import y`` becomes ``from fat_vit.classification.x import y`` and ``import openmmlab``
+    becomes ``from fat_vit import openmmlab`` (the same name bound). Any other form of such an import (``import a.b``,
+    several modules in one statement) is refused, since it cannot be rewritten to bind the same names."""
+    lines = source.splitlines(keepends=True)
+    edits = []  # (line index, column, text inserted there)
+    for node in ast.walk(ast.parse(source, filename)):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.split('.')[0] in PROJECT_PACKAGES:
+            keyword = re.compile(r'from\s+').match(lines[node.lineno - 1], node.col_offset)
+            edits.append((node.lineno - 1, keyword.end(), f'{DISTRIBUTION_PACKAGE}.'))
+        elif isinstance(node, ast.Import) and any(a.name.split('.')[0] in PROJECT_PACKAGES for a in node.names):
+            if len(node.names) > 1 or '.' in node.names[0].name:
+                raise SystemExit(f'{filename}:{node.lineno}: write this import of the project\'s packages as '
+                                 '`from PACKAGE.MODULE import NAME` or `import PACKAGE`, alone on its statement')
+            edits.append((node.lineno - 1, node.col_offset, f'from {DISTRIBUTION_PACKAGE} '))
+    for index, column, text in sorted(edits, reverse=True):
+        lines[index] = lines[index][:column] + text + lines[index][column:]
+    return ''.join(lines)
+
+
+class BuildPy(build_py):
+    """Copies the modules under ``fat_vit/`` with their imports of one another pointed there."""
+
+    def build_module(self, module, module_file, package):
+        outfile, copied = super().build_module(module, module_file, package)
+        path = Path(outfile)
+        path.write_text(nest_imports(path.read_text(), module_file))
+        return outfile, copied
+
+
+class NoEditableInstall(editable_wheel):
+    def run(self):
+        raise SystemExit(
+            'fat-vit has no editable install: its code imports the repository\'s folders as top-level packages, as a '
+            'checkout runs them, and an installed copy lives under fat_vit. Work in the checkout (`make setup` '
+            'installs the dependencies, then python -m classification.train ... from its root), or `pip install .` '
+            'to use fat_vit.classification etc. from elsewhere.')
+
+
+class NoDevelop(develop):
+    run = NoEditableInstall.run
 
 
 def cuda_extensions():
@@ -35,7 +81,7 @@ def cuda_extensions():
     os.environ.setdefault('TORCH_CUDA_ARCH_LIST', '8.0;9.0+PTX')  # A100 and H100 / H200, PTX for newer GPUs
     sources = ['kernels/csrc/depthwise_conv_ops.cpp', 'kernels/csrc/depthwise_conv_kernels.cu']
     extension = CUDAExtension(
-        'kernels._dwconv_cuda', sources,
+        f'{DISTRIBUTION_PACKAGE}.kernels._dwconv_cuda', sources,
         extra_compile_args={'cxx': ['-O3'], 'nvcc': ['-O3']},
         depends=['kernels/csrc/depthwise_conv.h', 'kernels/csrc/depthwise_conv_kernels.cuh'],
     )
@@ -44,24 +90,29 @@ def cuda_extensions():
 
 ext_modules, cmdclass = cuda_extensions()
 
+# Ranges of what the code needs; requirements.txt pins the versions tested. torch.library's register_fake /
+# register_kernel / register_autograd (kernels/ops.py) came with torch 2.4 (torchvision 0.19); timm 1.0.9 has every
+# timm API used here (feature_take_indices, ModelEmaV3, onnx_export's use_dynamo). The OpenMMLab stack and the
+# runtimes start at the versions tested: MMDetection 3.3 and MMSegmentation 1.2 take mmcv 2.0-2.1.
 setup(
     name='fat-vit',
     version='0.1.0',
     description='FAT (Lightweight Vision Transformer with Bidirectional Interaction) and LVT (Lite Vision '
-                'Transformer): models, ImageNet training, COCO detection and ADE20K segmentation',
+                'Transformer): models, ImageNet training, COCO detection and ADE20K segmentation, deployment',
     long_description=(ROOT / 'README.md').read_text(),
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     python_requires='>=3.10',
-    packages=find_packages(include=['classification', 'classification.*', 'openmmlab', 'openmmlab.*', 'detection',
-                                    'detection.*', 'segmentation', 'segmentation.*', 'kernels', 'kernels.*']),
-    install_requires=pinned('torch', 'torchvision', 'timm', 'pillow', 'yacs', 'tlt', 'safetensors', 'fvcore', 'tqdm',
-                            'tensorboard'),
+    package_dir={DISTRIBUTION_PACKAGE: '.'},
+    packages=[f'{DISTRIBUTION_PACKAGE}.{name}' for name in find_packages(include=[
+        f'{package}{suffix}' for package in PROJECT_PACKAGES for suffix in ('', '.*')])],
+    install_requires=['torch>=2.4', 'torchvision>=0.19', 'timm>=1.0.9,<2', 'numpy', 'pillow', 'pyyaml',
+                      'yacs>=0.1.8', 'tlt>=0.2', 'safetensors', 'fvcore', 'tqdm', 'tensorboard'],
     extras_require={
-        'detection': pinned('mmcv', 'mmengine', 'mmdet', 'pycocotools'),
-        'segmentation': pinned('mmcv', 'mmengine', 'mmsegmentation', 'ftfy', 'regex'),
-        'onnx': pinned('onnx', 'onnxscript', 'onnxruntime'),
+        'detection': ['mmcv>=2.0,<2.2', 'mmengine>=0.10.7,<1', 'mmdet>=3.3,<4', 'pycocotools'],
+        'segmentation': ['mmcv>=2.0,<2.2', 'mmengine>=0.10.7,<1', 'mmsegmentation>=1.2.2,<2', 'ftfy', 'regex'],
+        'deploy': ['onnx>=1.23', 'onnxscript>=0.7', 'onnxruntime>=1.31', 'openvino>=2026.4', 'executorch>=1.5'],
     },
     ext_modules=ext_modules,
-    cmdclass=cmdclass,
+    cmdclass={**cmdclass, 'build_py': BuildPy, 'editable_wheel': NoEditableInstall, 'develop': NoDevelop},
 )

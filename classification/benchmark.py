@@ -1,7 +1,7 @@
 """Speed of FAT beside the peers of the paper's efficiency comparison, measured side by side.
 
     python -m classification.benchmark [--device cpu|cuda] [--models fat_b0 edgenext_small ...]
-        [--threads 2] [--latency-rounds 100] [--throughput-batch-sizes 16] [--train-batch-size 128]
+        [--backend torch authors onnxruntime openvino executorch] [--threads 2] [--latency-rounds 100] [--throughput-batch-sizes 16] [--train-batch-size 128]
         [--compile] [--output-dir DIR] [--plot]
 
 Every model is built by timm without pretrained weights (weights do not change the timing), put into its
@@ -17,21 +17,34 @@ are fvcore's (one multiply-add = one FLOP, attention products included) at the m
 figure is also given as a ratio to a FAT model of similar accuracy (latency ratio > 1: slower than FAT;
 throughput ratio < 1: fewer images/s than FAT).
 
+``--backend`` names where the models run: ``torch`` (eager PyTorch as above), ``authors`` (eager PyTorch as the
+models' authors run them: training form, NCHW, no compilation), and the CPU runtimes ``onnxruntime``,
+``openvino`` and ``executorch`` (XNNPACK), which run each model's inference form exported by
+``classification.export`` at static shapes (batch and resolution fixed, as a deployed model runs) with ``--threads``
+threads. Each backend is timed in its own block, the models taking turns within it, never two runtimes call
+after call: PyTorch's OpenMP threads keep spinning after each call and slow a runtime called right after them.
+Ratios between models are taken within a backend; ``--compare-backends`` adds the ratio of one model's median
+latency in one backend to another's in another backend (two blocks of the same run).
+
 With ``--train-batch-size N`` the training step is timed as well (training form, train mode, AdamW,
 cross-entropy on random labels, forward + backward + optimizer step under the same AMP, memory format and
 compilation), interleaved in the same way.
 """
 import argparse
+import copy
 import csv
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
 import random
+import re
 import statistics
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -39,6 +52,7 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.utils import reparameterize_model
 
+from . import export
 from .model_table import count_flops, count_params
 from .registry import MODELS, PEERS, compared_models, counterpart, published_top1
 
@@ -153,6 +167,55 @@ def measure_training_interleaved(names: Sequence[str], batch_size: int, warmup: 
     return times
 
 
+# The runtimes a model can be timed in besides eager PyTorch, and the export format each runs.
+RUNTIMES = {'onnxruntime': 'onnx', 'openvino': 'openvino', 'executorch': 'executorch'}
+# ``torch``: eager PyTorch as set by the options (by default the inference form, channels-last); ``authors``: eager
+# PyTorch as the models' authors run them (the training form, NCHW, no compilation).
+BACKENDS = ('torch', 'authors') + tuple(RUNTIMES)
+
+
+def runtime_models(models: Dict[str, torch.nn.Module], backend: str, batch_sizes: Sequence[int], threads: int,
+                   folder: Path, traces: Dict) -> Dict[int, Dict[str, Callable]]:
+    """Per batch size, each model (in its inference form) exported by ``classification.export`` for that batch of
+    images at its own resolution (static shapes, as a deployed model runs) and loaded in ``backend``'s runtime; a
+    model that fails to export or load is left out with a message. ``traces`` keeps the static programs, which
+    every runtime converts, from one backend to the next."""
+    fmt = RUNTIMES[backend]
+    runners: Dict[int, Dict[str, Callable]] = {batch_size: {} for batch_size in batch_sizes}
+    for name, model in models.items():
+        input_size = model.pretrained_cfg['input_size'][-1]
+        for batch_size in batch_sizes:
+            path = folder / f'{name}_b{batch_size}{export.FORMATS[fmt]}'
+            try:
+                if (name, batch_size) not in traces:
+                    traces[name, batch_size] = export.trace(model, input_size, fmt, batch_size=batch_size)
+                export.export(model, path, fmt, input_size, traced=traces[name, batch_size])
+                runners[batch_size][name] = export.load_runtime(path, fmt, threads)
+            except Exception as error:  # noqa: BLE001  (a peer that a runtime cannot take is reported, not fatal)
+                print(f'{backend}: {name} at batch {batch_size} left out ({type(error).__name__}: '
+                      f'{str(error).splitlines()[0][:200]})')
+    return runners
+
+
+def measure_runtime_interleaved(runners: Dict[str, Callable], batch_size: int, input_sizes: Dict[str, int],
+                                warmup: int, rounds: int) -> Dict[str, List[float]]:
+    """``measure_interleaved`` for models loaded in a runtime: seconds per call of each at ``batch_size``, one per
+    round, the models taking turns in an order shuffled anew each round."""
+    inputs = {name: torch.randn(batch_size, 3, input_sizes[name], input_sizes[name]).numpy() for name in runners}
+    order = random.Random(0)
+    names = list(runners)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for _ in range(warmup):
+        for name in names:
+            runners[name](inputs[name])
+    for _ in range(rounds):
+        for name in order.sample(names, len(names)):
+            start = time.perf_counter()
+            runners[name](inputs[name])
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def images_per_second_figure(figure: str) -> Optional[int]:
     """The batch size of a throughput figure (``throughput_b64``, ``train_b128``); None for latency."""
     for prefix in ('throughput_b', 'train_b'):
@@ -177,10 +240,13 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_description(device: torch.device, threads: Optional[int]) -> Dict:
+def machine_description(device: torch.device, threads: Optional[int], backends: Sequence[str] = ()) -> Dict:
     description = dict(
         date=datetime.date.today().isoformat(), torch=torch.__version__, timm=timm.__version__,
         cpu=cpu_model_name(), cpu_count=os.cpu_count())
+    for backend in backends:
+        if backend in RUNTIMES:
+            description[backend] = importlib.metadata.version(backend)
     if device.type == 'cuda':
         description['gpu'] = torch.cuda.get_device_name(device)
     else:
@@ -195,29 +261,30 @@ def _load_average() -> Optional[float]:
         return None
 
 
-def run(args: argparse.Namespace) -> Dict:
-    device = torch.device(args.device)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise SystemExit('--device cuda: no CUDA GPU is available')
-    if device.type == 'cpu':
-        torch.set_num_threads(args.threads)
-    else:
-        torch.backends.cudnn.benchmark = True  # each input shape gets cuDNN's fastest algorithm, as in timm's benchmark
-    amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}[args.amp]
-    channels_last = args.memory_format == 'channels_last'
-    load_before = _load_average()
+def time_backend(backend: str, args: argparse.Namespace, models: Dict[str, torch.nn.Module], device: torch.device,
+                 amp_dtype: Optional[torch.dtype], traces: Dict) -> Dict[str, Dict[str, List[float]]]:
+    """Seconds per round of every model in one backend, per figure (``latency_ms``, ``throughput_bN``, ...);
+    ``traces``: see ``runtime_models``."""
+    input_sizes = {name: model.pretrained_cfg['input_size'][-1] for name, model in models.items()}
+    if backend in RUNTIMES:
+        batch_sizes = [1, *args.throughput_batch_sizes]
+        with tempfile.TemporaryDirectory(prefix=f'benchmark-{backend}-') as folder:
+            runners = runtime_models(models, backend, batch_sizes, args.threads, Path(folder), traces)
+            time.sleep(1)  # let the threads of the exports' PyTorch calls go idle before timing
+            timings = {}
+            if args.latency_rounds:
+                timings['latency_ms'] = measure_runtime_interleaved(runners[1], 1, input_sizes, args.warmup,
+                                                                    args.latency_rounds)
+            for batch_size in args.throughput_batch_sizes:
+                timings[f'throughput_b{batch_size}'] = measure_runtime_interleaved(
+                    runners[batch_size], batch_size, input_sizes, args.throughput_warmup, args.throughput_rounds)
+        return timings
 
-    rows = []
-    candidates = []
-    for name in args.models:
-        model = timm.create_model(name, pretrained=False).eval()
-        input_size = model.pretrained_cfg['input_size'][-1]
-        rows.append(dict(
-            model=name, input_size=input_size, params_m=count_params(model) / 1e6,
-            gflops=None if args.no_flops else count_flops(model, input_size) / 1e9, top1=published_top1(name)))
-        candidates.append(Candidate(
-            name, prepare(model, device, channels_last, not args.training_form, args.compile), input_size))
-
+    authors = backend == 'authors'
+    channels_last = args.memory_format == 'channels_last' and not authors
+    candidates = [Candidate(name, prepare(copy.deepcopy(model), device, channels_last,
+                                          not (args.training_form or authors), args.compile and not authors),
+                            input_sizes[name]) for name, model in models.items()]
     timings = {}
     if args.latency_rounds:
         timings['latency_ms'] = measure_interleaved(candidates, 1, args.warmup, args.latency_rounds, device,
@@ -225,16 +292,31 @@ def run(args: argparse.Namespace) -> Dict:
     for batch_size in args.throughput_batch_sizes:
         timings[f'throughput_b{batch_size}'] = measure_interleaved(
             candidates, batch_size, args.throughput_warmup, args.throughput_rounds, device, channels_last, amp_dtype)
-    if args.train_batch_size:
+    if args.train_batch_size and backend == 'torch':
         del candidates  # free the inference models before building the training ones
         timings[f'train_b{args.train_batch_size}'] = measure_training_interleaved(
-            args.models, args.train_batch_size, args.throughput_warmup, args.throughput_rounds, device,
+            list(models), args.train_batch_size, args.throughput_warmup, args.throughput_rounds, device,
             channels_last, amp_dtype, args.compile)
-    for row in rows:
+    return timings
+
+
+def backend_figures(backend: str, model_rows: List[Dict], timings: Dict[str, Dict[str, List[float]]],
+                    compare: Sequence[str]) -> Tuple[List[Dict], List[Dict]]:
+    """The rows of one backend (each model's figures and their ratios to its FAT model, in this backend) and its
+    latency comparisons."""
+    rows = []
+    for model_row in model_rows:
+        if not any(model_row['model'] in times for times in timings.values()):
+            continue  # a model the runtime could not take
+        row = dict(model_row)
         for figure, times in timings.items():
-            median = statistics.median(times[row['model']])
-            batch_size = images_per_second_figure(figure)
-            row[figure] = median * 1e3 if batch_size is None else batch_size / median
+            if row['model'] in times:
+                median = statistics.median(times[row['model']])
+                batch_size = images_per_second_figure(figure)
+                row[figure] = median * 1e3 if batch_size is None else batch_size / median
+            else:
+                row[figure] = None
+        rows.append(row)
 
     names = [row['model'] for row in rows]
     by_name = {row['model']: row for row in rows}
@@ -245,31 +327,82 @@ def run(args: argparse.Namespace) -> Dict:
             value, base = row[figure], by_name[reference][figure] if reference else None
             row[f'{figure}_x_fat'] = value / base if value is not None and base is not None else None
         for figure, times in timings.items():
-            if reference is None:
+            if reference is None or row['model'] not in times or reference not in times:
                 row[f'{figure}_x_fat'] = None
             elif figure == 'latency_ms':
                 row[f'{figure}_x_fat'] = paired_ratio(times[row['model']], times[reference])
             else:
                 row[f'{figure}_x_fat'] = paired_ratio(times[reference], times[row['model']])
+        row['backend'] = backend
 
     latency = timings.get('latency_ms', {})
     comparisons = []
-    for pair in args.compare:
+    for pair in compare:
         first, second = pair.split(':')
         if first in latency and second in latency:
             per_round = [a / b for a, b in zip(latency[first], latency[second])]
             low, median, high = statistics.quantiles(per_round, n=4, method='inclusive')
-            comparisons.append(dict(model=first, versus=second, latency_ratio=median,
+            comparisons.append(dict(backend=backend, model=first, versus=second, latency_ratio=median,
                                     latency_ratio_quartiles=[low, high]))
+    return rows, comparisons
+
+
+def run(args: argparse.Namespace) -> Dict:
+    device = torch.device(args.device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit('--device cuda: no CUDA GPU is available')
+    if device.type == 'cpu':
+        torch.set_num_threads(args.threads)
+    else:
+        torch.backends.cudnn.benchmark = True  # each input shape gets cuDNN's fastest algorithm, as in timm's benchmark
+    amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}[args.amp]
+    load_before = _load_average()
+
+    model_rows = []
+    models = {}
+    for name in args.models:
+        model = timm.create_model(name, pretrained=False).eval()
+        input_size = model.pretrained_cfg['input_size'][-1]
+        model_rows.append(dict(
+            model=name, input_size=input_size, params_m=count_params(model) / 1e6,
+            gflops=None if args.no_flops else count_flops(model, input_size) / 1e9, top1=published_top1(name)))
+        models[name] = model
+    runtime_forms = {name: reparameterize_model(model) for name, model in models.items()}
+
+    # each backend is timed in its own block, the models taking turns within it: never two runtimes call after call
+    rows, comparisons, timings, traces = [], [], {}, {}
+    for backend in args.backend:
+        timings[backend] = time_backend(backend, args, runtime_forms if backend in RUNTIMES else models, device,
+                                        amp_dtype, traces)
+        backend_rows, backend_comparisons = backend_figures(backend, model_rows, timings[backend], args.compare)
+        rows += backend_rows
+        comparisons += backend_comparisons
+    comparisons += cross_backend_comparisons(timings, args.compare_backends)
 
     settings = dict(
-        device=args.device, deploy=not args.training_form, memory_format=args.memory_format,
-        amp=args.amp, compile=args.compile, warmup=args.warmup, latency_rounds=args.latency_rounds,
-        throughput_warmup=args.throughput_warmup, throughput_rounds=args.throughput_rounds,
-        throughput_batch_sizes=list(args.throughput_batch_sizes), train_batch_size=args.train_batch_size)
-    return dict(machine=machine_description(device, args.threads if device.type == 'cpu' else None),
+        device=args.device, backends=list(args.backend), deploy=not args.training_form,
+        memory_format=args.memory_format, amp=args.amp, compile=args.compile, warmup=args.warmup,
+        latency_rounds=args.latency_rounds, throughput_warmup=args.throughput_warmup,
+        throughput_rounds=args.throughput_rounds, throughput_batch_sizes=list(args.throughput_batch_sizes),
+        train_batch_size=args.train_batch_size)
+    return dict(machine=machine_description(device, args.threads if device.type == 'cpu' else None, args.backend),
                 settings=settings, load_average=dict(before=load_before, after=_load_average()),
                 rows=rows, comparisons=comparisons, seconds_per_round=timings)
+
+
+def cross_backend_comparisons(timings: Dict[str, Dict[str, Dict[str, List[float]]]],
+                              pairs: Sequence[str]) -> List[Dict]:
+    """Latency ratios of a model in one backend to a model in another (``BACKEND/MODEL:BACKEND/MODEL``): the ratio of
+    their medians, the two measured in separate blocks of the same run."""
+    comparisons = []
+    for pair in pairs:
+        (first_backend, first), (second_backend, second) = (side.split('/') for side in pair.split(':'))
+        latency = {backend: figures.get('latency_ms', {}) for backend, figures in timings.items()}
+        if first in latency.get(first_backend, {}) and second in latency.get(second_backend, {}):
+            comparisons.append(dict(backend=first_backend, model=first, versus_backend=second_backend, versus=second,
+                                    latency_ratio=statistics.median(latency[first_backend][first])
+                                    / statistics.median(latency[second_backend][second])))
+    return comparisons
 
 
 def _cell(value: Optional[float], digits: int, ratio: Optional[float] = None) -> str:
@@ -280,36 +413,48 @@ def _cell(value: Optional[float], digits: int, ratio: Optional[float] = None) ->
 
 
 def format_table(result: Dict, markdown: bool = False) -> str:
+    """One table per backend, then the latency comparisons."""
     batch_sizes = result['settings']['throughput_batch_sizes']
     train_batch_size = result['settings']['train_batch_size']
     latency = result['settings']['latency_rounds'] > 0
-    header = ['model', 'input', 'params (M)', 'GFLOPs', 'top-1 (%)'] + (['latency b1 (ms)'] if latency else []) + \
-        [f'throughput b{b} (img/s)' for b in batch_sizes] + \
-        ([f'training b{train_batch_size} (img/s)'] if train_batch_size else []) + ['ratios vs']
-    lines = []
-    for row in result['rows']:
-        lines.append([
-            row['model'], str(row['input_size']),
-            _cell(row['params_m'], 2, row['params_m_x_fat']),
-            _cell(row['gflops'], 2, row['gflops_x_fat']),
-            _cell(row['top1'], 1),
-            *([_cell(row['latency_ms'], 1, row['latency_ms_x_fat'])] if latency else []),
-            *[_cell(row[f'throughput_b{b}'], 1, row[f'throughput_b{b}_x_fat']) for b in batch_sizes],
-            *([_cell(row[f'train_b{train_batch_size}'], 1, row[f'train_b{train_batch_size}_x_fat'])]
-              if train_batch_size else []),
-            row['vs'] or '–',
-        ])
-    if markdown:
-        table = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-        table += ['| ' + ' | '.join(line) + ' |' for line in lines]
-    else:
-        widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
-        table = ['  '.join(cell.rjust(width) for cell, width in zip(line, widths)) for line in [header] + lines]
+    tables = []
+    for backend in result['settings']['backends']:
+        rows = [row for row in result['rows'] if row['backend'] == backend]
+        train = train_batch_size if any(row.get(f'train_b{train_batch_size}') for row in rows) else None
+        header = ['model', 'input', 'params (M)', 'GFLOPs', 'top-1 (%)'] + \
+            (['latency b1 (ms)'] if latency else []) + \
+            [f'throughput b{b} (img/s)' for b in batch_sizes] + \
+            ([f'training b{train} (img/s)'] if train else []) + ['ratios vs']
+        lines = []
+        for row in rows:
+            lines.append([
+                row['model'], str(row['input_size']),
+                _cell(row['params_m'], 2, row['params_m_x_fat']),
+                _cell(row['gflops'], 2, row['gflops_x_fat']),
+                _cell(row['top1'], 1),
+                *([_cell(row['latency_ms'], 1, row['latency_ms_x_fat'])] if latency else []),
+                *[_cell(row[f'throughput_b{b}'], 1, row[f'throughput_b{b}_x_fat']) for b in batch_sizes],
+                *([_cell(row[f'train_b{train}'], 1, row[f'train_b{train}_x_fat'])] if train else []),
+                row['vs'] or '–',
+            ])
+        if markdown:
+            table = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+            table += ['| ' + ' | '.join(line) + ' |' for line in lines]
+        else:
+            widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
+            table = ['  '.join(cell.rjust(width) for cell, width in zip(line, widths)) for line in [header] + lines]
+        tables.append(f'{backend}:\n' + '\n'.join(table))
     for comparison in result['comparisons']:
-        low, high = comparison['latency_ratio_quartiles']
-        table.append(f"\nlatency {comparison['model']} / {comparison['versus']}: {comparison['latency_ratio']:.2f}× "
-                     f"(median of the rounds' ratios; quartiles {low:.2f}–{high:.2f})")
-    return '\n'.join(table)
+        if 'versus_backend' in comparison:
+            tables.append(f"latency {comparison['backend']} {comparison['model']} / {comparison['versus_backend']} "
+                          f"{comparison['versus']}: {comparison['latency_ratio']:.2f}× (ratio of the medians of two "
+                          'blocks)')
+        else:
+            low, high = comparison['latency_ratio_quartiles']
+            tables.append(f"latency {comparison['model']} / {comparison['versus']} in {comparison['backend']}: "
+                          f"{comparison['latency_ratio']:.2f}× (median of the rounds' ratios; quartiles "
+                          f"{low:.2f}–{high:.2f})")
+    return '\n\n'.join(tables)
 
 
 def write_outputs(result: Dict, output_dir: Path, plot: bool):
@@ -330,7 +475,8 @@ def plot_accuracy_against_throughput(result: Dict, path: Path):
     import matplotlib.pyplot as plt
 
     batch_size = result['settings']['throughput_batch_sizes'][-1]
-    rows = [row for row in result['rows'] if row['top1'] is not None]
+    backend = result['settings']['backends'][0]
+    rows = [row for row in result['rows'] if row['top1'] is not None and row['backend'] == backend]
     figure, axes = plt.subplots(figsize=(6, 4))
     for fat_rows, style in ((True, dict(color='tab:red', marker='o')), (False, dict(color='tab:blue', marker='s'))):
         chosen = [row for row in rows if is_fat(row['model']) == fat_rows]
@@ -341,7 +487,7 @@ def plot_accuracy_against_throughput(result: Dict, path: Path):
                           xytext=(3, 3), textcoords='offset points')
     machine = result['machine']
     where = machine.get('gpu') or f"{machine['cpu']}, {machine['threads']} threads"
-    axes.set_xlabel(f'throughput, batch {batch_size} (images/s, {where})')
+    axes.set_xlabel(f'throughput, batch {batch_size} (images/s, {backend}, {where})')
     axes.set_ylabel('published ImageNet-1K top-1 (%)')
     axes.legend()
     axes.grid(alpha=.3)
@@ -353,6 +499,13 @@ def plot_accuracy_against_throughput(result: Dict, path: Path):
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
+    parser.add_argument('--backend', nargs='+', choices=BACKENDS, default=['torch'], metavar='BACKEND',
+                        help=f'where the models run, each timed in its own block: {", ".join(BACKENDS)} (default: '
+                             'torch; authors: the training form, NCHW, eager, as the authors run it; the runtimes '
+                             'run the inference form exported by classification.export, on the CPU)')
+    parser.add_argument('--compare-backends', nargs='*', metavar='B/A:B/A',
+                        help='pairs BACKEND/MODEL:BACKEND/MODEL whose latency ratio is printed (default: fat_b0 in '
+                             'each backend against fat_b0 in authors, when measured)')
     parser.add_argument('--models', nargs='+', metavar='NAME', default=compared_models() + tuple(PEERS),
                         help='timm model names (default: FAT-B0...B3, LVT and the FAT paper\'s other peers)')
     parser.add_argument('--threads', type=int, default=2, help='CPU threads (default: 2)')
@@ -410,6 +563,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             args.amp = 'none'
     if args.plot and args.output_dir is None:
         parser.error('--plot needs --output-dir')
+    if len(set(args.backend)) != len(args.backend):
+        parser.error('--backend lists a backend twice')
+    if args.device == 'cuda' and set(args.backend) & set(RUNTIMES):
+        parser.error(f'the runtimes ({", ".join(RUNTIMES)}) are timed on the CPU: use --device cpu')
+    for backend in set(args.backend) & set(RUNTIMES):
+        try:
+            export.require(RUNTIMES[backend])
+        except export.RuntimeMissing as error:
+            parser.error(str(error))
+    if args.compare_backends is None:
+        args.compare_backends = [f'{backend}/fat_b0:authors/fat_b0' for backend in args.backend
+                                 if backend != 'authors' and 'authors' in args.backend]
+    for pair in args.compare_backends:
+        if not re.fullmatch(r'[\w-]+/[\w.-]+:[\w-]+/[\w.-]+', pair):
+            parser.error(f'--compare-backends takes pairs BACKEND/MODEL:BACKEND/MODEL, got {pair!r}')
     return args
 
 
@@ -418,7 +586,8 @@ def main(argv: Optional[Sequence[str]] = None):
     result = run(args)
     machine = result['machine']
     where = machine.get('gpu') or f"{machine['cpu']}, {machine['threads']} threads"
-    print(f"{machine['date']}, {where}, torch {machine['torch']}, timm {machine['timm']}; "
+    runtimes = ''.join(f', {backend} {machine[backend]}' for backend in RUNTIMES if backend in machine)
+    print(f"{machine['date']}, {where}, torch {machine['torch']}, timm {machine['timm']}{runtimes}; "
           f"load average {result['load_average']['before']} before, {result['load_average']['after']} after")
     print(format_table(result, markdown=args.markdown))
     if args.output_dir is not None:

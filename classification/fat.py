@@ -40,6 +40,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq, named_apply
 
 from .checkpoint_io import CheckpointError, check_state_dict_fits, load_weights, timm_overlay
+from .export import is_exporting
 from .token_mixers import TOKEN_MIXERS
 
 __all__ = ['FAT', 'checkpoint_filter_fn']
@@ -59,21 +60,22 @@ class PointwiseConv(nn.Conv2d):
 
     def fuse(self) -> 'PointwiseLinear':
         linear = PointwiseLinear(
-            self.in_channels, self.out_channels, device=self.weight.device, dtype=self.weight.dtype)
-        linear.weight.data.copy_(self.weight.flatten(1))
-        linear.bias.data.copy_(self.bias)
+            self.in_channels, self.out_channels, 1, device=self.weight.device, dtype=self.weight.dtype)
+        linear.load_state_dict(self.state_dict())
         return linear
 
 
-class PointwiseLinear(nn.Linear):
+class PointwiseLinear(nn.Conv2d):
     """Inference form of ``PointwiseConv``: a channels-last input runs as one matrix product over its channels,
-    without the copies and the oneDNN overhead of a 1x1 convolution, and stays channels-last; any other
-    layout runs as the 1x1 convolution."""
+    without the copies and the oneDNN overhead of a 1x1 convolution, and stays channels-last. Any other layout (the
+    NCHW graphs exported for ONNX, OpenVINO and ExecuTorch) runs the 1x1 convolution of the module's own weight,
+    which each runtime's convolution kernels take as a constant: ExecuTorch's XNNPACK delegate leaves a convolution
+    whose weight is computed in the graph to a slow portable kernel (FAT-B0: 2.6 s instead of milliseconds)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_contiguous(memory_format=torch.channels_last):
-            return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
-        return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+            return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+        return self._conv_forward(x, self.weight, self.bias)
 
 
 class ResidualDepthwiseConv(nn.Conv2d):
@@ -172,6 +174,17 @@ def kv_downsample_layer(kind: str, dim: int, window_size: int) -> nn.Module:
     return nn.Conv2d(dim, dim, kernel_size, stride=window_size, padding=padding, groups=dim)
 
 
+def channels_first_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of queries, keys and values laid out (batch, heads, head_dim, tokens), as FASA's 1x1 convolutions
+    give them, in that layout: the scores (batch, heads, keys, queries) are normalised over the keys and the values
+    multiply them from the left, so that no tensor of all the queries is transposed. What ``torch.export`` graphs of
+    FASA compute: OpenVINO and ExecuTorch run it faster than ``F.scaled_dot_product_attention`` over transposed
+    tensors (ExecuTorch leaves parts of that one's decomposition to slow portable kernels). Equal to it up to float
+    rounding."""
+    scores = (k * k.shape[-2] ** -0.5).transpose(-1, -2) @ q
+    return v @ scores.softmax(dim=-2)
+
+
 KV_DOWNSAMPLINGS = ('refined', 'pool', 'conv', 'overlap')
 # How FASA combines its local branch l (self-modulated: silu of the local mixer) and its attention output g:
 # the released code's proj(l * silu(g)), or the ablation's proj(l + g), proj([l, g]), proj(l * g).
@@ -210,10 +223,14 @@ class FASA(nn.Module):
         local = F.silu(self.local_mixer(q))
 
         kv = self.kv(self.kv_downsample(x)).reshape(batch, 2, self.num_heads, self.head_dim, -1)
-        k, v = kv.transpose(-1, -2).unbind(1)
-        q = q.reshape(batch, self.num_heads, self.head_dim, height * width).transpose(-1, -2)
-        glob = F.scaled_dot_product_attention(q, k, v)
-        glob = glob.transpose(-1, -2).reshape(batch, dim, height, width)
+        q = q.reshape(batch, self.num_heads, self.head_dim, height * width)
+        if is_exporting():
+            k, v = kv.unbind(1)
+            glob = channels_first_attention(q, k, v)
+        else:
+            k, v = kv.transpose(-1, -2).unbind(1)
+            glob = F.scaled_dot_product_attention(q.transpose(-1, -2), k, v).transpose(-1, -2)
+        glob = glob.reshape(batch, dim, height, width)
         if self.interaction == 'add':
             return self.proj(local + glob)
         if self.interaction == 'cat':

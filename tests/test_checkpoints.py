@@ -93,7 +93,7 @@ def loaded_by(path, route: str) -> torch.nn.Module:
     if route == 'MODEL.PRETRAINED':
         return build_model(load_config(str(REPO_ROOT / 'configs' / 'classification' / 'fat_b0.yaml'),
                                        ['MODEL.PRETRAINED', str(path), 'MODEL.NUM_CLASSES', '10']))
-    from classification.export_onnx import build_model as export_model
+    from classification.export import build_model as export_model
     return export_model('fat_b0', path, deploy=False)
 
 

@@ -1,4 +1,5 @@
-"""The inference (deploy) form reached through timm.utils.reparameterize_model, ONNX export, the benchmark."""
+"""The inference (deploy) form reached through timm.utils.reparameterize_model, the exporter (ONNX, OpenVINO,
+ExecuTorch), the benchmark."""
 import json
 import statistics
 
@@ -6,9 +7,10 @@ import onnx
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from timm.utils import reparameterize_model
 
-from classification import benchmark, export_onnx
+from classification import benchmark, export, fat, lvt
 from classification.fat import PointwiseConv, ResidualDepthwiseConv
 from classification.registry import model_names
 
@@ -103,23 +105,79 @@ def test_deploy_form_keeps_channels_last_and_features():
         assert relative_error(feature, reference) <= 1e-5
 
 
-@pytest.mark.slow
-def test_onnx_export_runs_in_onnxruntime_at_any_batch_and_size(tmp_path):
-    model = export_onnx.build_model('fat_b0')
-    output = export_onnx.export(model, tmp_path / 'fat_b0.onnx', img_size=64)
-    assert [path.name for path in tmp_path.iterdir()] == ['fat_b0.onnx']  # one file, weights included
-    graph = onnx.load(str(output))
-    assert graph.opset_import[0].version >= 17
-    dims = graph.graph.input[0].type.tensor_type.shape.dim
-    assert [d.dim_param != '' for d in dims] == [True, False, True, True]
-    errors = export_onnx.verify(model, output, [(1, 3, 224, 224), (3, 3, 97, 131)])
-    assert max(errors) <= 1e-4
+def test_exported_graphs_take_the_runtime_friendly_attention_and_overlap_add():
+    """What torch.export traces: FASA's channels-first attention and CSA's overlap-add by transposed convolution,
+    equal to the eager paths to float rounding."""
+    q, k, v = torch.randn(2, 5, 16, 70), torch.randn(2, 5, 16, 9), torch.randn(2, 5, 16, 9)
+    reference = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+    assert relative_error(fat.channels_first_attention(q, k, v), reference.transpose(-1, -2)) <= 1e-6
+    windows = torch.randn(2, 4, 9, 7, 6)
+    torch.testing.assert_close(lvt.overlap_add_transposed_conv(windows, 13, 11, 3, 2),
+                               lvt.overlap_add(windows, 13, 11, 3, 2))
+    for name, present, absent in (('fat_b0', 'aten.softmax', 'scaled_dot_product_attention'),
+                                  ('lvt', 'aten.conv_transpose2d', 'aten.slice_scatter')):
+        program = export.trace(reparameterize_model(timm.create_model(name).eval()), 64, 'onnx', batch_size=1)
+        graph = str(program.program.graph)
+        assert present in graph and absent not in graph
+
+
+# FAT-B0, an ablation model (its projection takes both branches) and LVT, whose graph depends on the input size
+EXPORTED_MODELS = ('fat_b0', 'fat_b0_cat', 'lvt_cls')
+
+
+@pytest.fixture(scope='module')
+def traced_models():
+    """Each exported model (norms randomised, inference form) and its traces, made once per model and bounds."""
+    cache = {}
+
+    def get(name: str, fmt: str):
+        if name not in cache:
+            torch.manual_seed(0)
+            cache[name] = (reparameterize_model(randomize_norms(timm.create_model(name))), {})
+        model, traces = cache[name]
+        bounded = fmt == 'executorch'
+        if bounded not in traces:
+            traces[bounded] = export.trace(model, 64, fmt)
+        return model, traces[bounded]
+    return get
 
 
 @pytest.mark.slow
-def test_onnx_export_command_with_the_torchscript_exporter(tmp_path, capsys):
-    export_onnx.main(['--model', 'fat_b0', '--output', str(tmp_path / 'fat_b0.onnx'), '--exporter', 'torchscript',
-                      '--opset', '17', '--img-size', '64'])
+@pytest.mark.parametrize('fmt', tuple(export.FORMATS))
+@pytest.mark.parametrize('name', EXPORTED_MODELS)
+def test_export_runs_in_its_runtime_like_pytorch(name, fmt, traced_models, tmp_path):
+    model, traced = traced_models(name, fmt)
+    output = tmp_path / f'{name}{export.FORMATS[fmt]}'
+    dynamic_size = export.export(model, output, fmt, img_size=64, traced=traced)
+    assert dynamic_size == (name != 'lvt_cls')
+    expected_files = {output.name} | ({output.with_suffix('.bin').name} if fmt == 'openvino' else set())
+    assert {path.name for path in tmp_path.iterdir()} == expected_files  # no temporary left, ONNX weights inside
+    if fmt == 'onnx':
+        dims = onnx.load(str(output)).graph.input[0].type.tensor_type.shape.dim
+        assert [d.dim_param != '' for d in dims] == [True, False, dynamic_size, dynamic_size]
+    shapes = export.verify_shapes(64, dynamic_size)
+    if dynamic_size:
+        assert shapes[1][0] > 1 and shapes[1][2] % 32 and shapes[1][3] % 32
+    errors = export.verify(model, output, fmt, shapes)
+    assert max(errors) <= 1e-4, errors
+
+
+@pytest.mark.slow
+def test_export_command_to_a_new_folder_twice(tmp_path, capsys):
+    output = tmp_path / 'new' / 'folder' / 'fat_b0.xml'
+    for _ in range(2):  # the second run replaces the first's files
+        export.main(['--model', 'fat_b0', '--format', 'openvino', '--output', str(output), '--img-size', '64'])
+        printed = capsys.readouterr().out
+        assert f'wrote {output} and {output.with_suffix(".bin")} (fat_b0, openvino, inference form)' in printed
+        errors = [float(line.rsplit(' ', 1)[1]) for line in printed.splitlines() if 'relative error' in line]
+        assert len(errors) == 2 and max(errors) <= 1e-4
+        assert sorted(path.name for path in output.parent.iterdir()) == ['fat_b0.bin', 'fat_b0.xml']
+
+
+@pytest.mark.slow
+def test_export_command_with_the_torchscript_onnx_exporter(tmp_path, capsys):
+    export.main(['--model', 'fat_b0', '--format', 'onnx', '--output', str(tmp_path / 'fat_b0.onnx'),
+                 '--exporter', 'torchscript', '--opset', '17', '--img-size', '64'])
     printed = capsys.readouterr().out
     assert 'opset 17, torchscript exporter, inference form' in printed
     errors = [float(line.rsplit(' ', 1)[1]) for line in printed.splitlines() if 'relative error' in line]
@@ -127,29 +185,63 @@ def test_onnx_export_command_with_the_torchscript_exporter(tmp_path, capsys):
     assert onnx.load(str(tmp_path / 'fat_b0.onnx')).opset_import[0].version == 17
 
 
-def test_onnx_export_of_a_checkpoint_with_another_classifier(tmp_path):
+def test_export_of_a_checkpoint_with_another_classifier(tmp_path):
     source = timm.create_model('fat_b0', num_classes=7)
     torch.save(source.state_dict(), tmp_path / 'fat_b0_7.pth')
-    model = export_onnx.build_model('fat_b0', tmp_path / 'fat_b0_7.pth')
+    model = export.build_model('fat_b0', tmp_path / 'fat_b0_7.pth')
     images = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert relative_error(model(images), source.eval()(images)) <= 1e-5
 
 
-def test_onnx_export_names_a_checkpoint_of_another_variant(tmp_path):
+@pytest.mark.parametrize('fmt', tuple(export.FORMATS))
+def test_export_names_a_checkpoint_of_another_variant(fmt, tmp_path):
     torch.save(timm.create_model('fat_b1').state_dict(), tmp_path / 'fat_b1.pth')
+    output = tmp_path / f'fat_b0{export.FORMATS[fmt]}'
     with pytest.raises(SystemExit) as stop:
-        export_onnx.main(['--model', 'fat_b0', '--checkpoint', str(tmp_path / 'fat_b1.pth'),
-                          '--output', str(tmp_path / 'fat_b0.onnx')])
+        export.main(['--model', 'fat_b0', '--checkpoint', str(tmp_path / 'fat_b1.pth'), '--format', fmt,
+                     '--output', str(output)])
     assert str(stop.value.code).startswith(f'error: {tmp_path / "fat_b1.pth"}: checkpoint does not fit fat_b0 '
                                            '(is it of another variant?)')
-    assert not (tmp_path / 'fat_b0.onnx').exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ['fat_b1.pth']
 
 
-def test_onnx_export_refuses_an_opset_below_the_exporters(tmp_path, capsys):
+@pytest.mark.parametrize('argv, message', [
+    (['--format', 'tflite', '--output', 'x.tflite'], "argument --format: invalid choice: 'tflite'"),
+    (['--format', 'openvino', '--output', 'x.onnx'], '--output of --format openvino must end in .xml'),
+    (['--format', 'onnx', '--output', 'x.onnx', '--opset', '17'], 'needs opset >= 18'),
+    (['--format', 'executorch', '--output', 'x.pte', '--opset', '18'], '--opset and --exporter apply to --format onnx'),
+    (['--format', 'onnx', '--output', 'x.onnx', '--img-size', '16'], 'the image size must be at least 33'),
+    (['--format', 'onnx', '--output', 'x.onnx', '--checkpoint', 'missing.pth'], '--checkpoint missing.pth: no such'),
+])
+def test_export_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
-        export_onnx.main(['--model', 'fat_b0', '--output', str(tmp_path / 'x.onnx'), '--opset', '17'])
-    assert 'needs opset >= 18' in capsys.readouterr().err
+        export.main(['--model', 'fat_b0', *argv])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_benchmark_times_each_runtime_in_its_own_block(tmp_path, capsys):
+    benchmark.main(['--models', 'fat_b0', 'edgenext_x_small', '--backend', 'authors', 'openvino',
+                    '--warmup', '1', '--latency-rounds', '3', '--throughput-batch-sizes', '2', '--throughput-warmup',
+                    '0', '--throughput-rounds', '1', '--no-flops', '--output-dir', str(tmp_path)])
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / 'benchmark.json').read_text())
+    assert [(row['backend'], row['model']) for row in result['rows']] == [
+        (backend, model) for backend in ('authors', 'openvino') for model in ('fat_b0', 'edgenext_x_small')]
+    assert result['machine']['openvino']
+    rounds = result['seconds_per_round']['openvino']
+    assert [len(rounds['latency_ms'][model]) for model in ('fat_b0', 'edgenext_x_small')] == [3, 3]
+    assert len(rounds['throughput_b2']['fat_b0']) == 1
+    peer = result['rows'][3]
+    assert peer['latency_ms_x_fat'] == pytest.approx(statistics.median(
+        a / b for a, b in zip(rounds['latency_ms']['edgenext_x_small'], rounds['latency_ms']['fat_b0'])))
+    (versus_authors,) = [c for c in result['comparisons'] if 'versus_backend' in c]
+    assert (versus_authors['backend'], versus_authors['versus_backend']) == ('openvino', 'authors')
+    assert versus_authors['latency_ratio'] == pytest.approx(
+        statistics.median(rounds['latency_ms']['fat_b0'])
+        / statistics.median(result['seconds_per_round']['authors']['latency_ms']['fat_b0']))
+    assert 'latency openvino fat_b0 / authors fat_b0' in printed and 'openvino:' in printed
 
 
 def test_benchmark_tiny_run_writes_table_csv_and_json(tmp_path, capsys):
@@ -165,7 +257,7 @@ def test_benchmark_tiny_run_writes_table_csv_and_json(tmp_path, capsys):
     assert fat['gflops'] == pytest.approx(0.76, abs=0.01) and fat['top1'] == 77.6
     assert peer['vs'] == 'fat_b0'
     # the peer's latency ratio: the median over rounds of the two models' times in the same round
-    rounds = result['seconds_per_round']['latency_ms']
+    rounds = result['seconds_per_round']['torch']['latency_ms']
     per_round = [peer_time / fat_time for peer_time, fat_time in zip(rounds['edgenext_x_small'], rounds['fat_b0'])]
     assert len(per_round) == 2 and peer['latency_ms_x_fat'] == pytest.approx(statistics.median(per_round))
     assert fat['latency_ms'] == pytest.approx(1e3 * statistics.median(rounds['fat_b0']))
@@ -187,6 +279,9 @@ def test_benchmark_tiny_run_writes_table_csv_and_json(tmp_path, capsys):
 @pytest.mark.parametrize('argv, message', [
     (['--models', 'fat_b0', 'no_such_model'], 'unknown timm model(s): no_such_model'),
     (['--train-batch-size', '1'], '--train-batch-size must be at least 2'),
+    (['--backend', 'tensorrt'], "argument --backend: invalid choice: 'tensorrt'"),
+    (['--backend', 'openvino', 'openvino'], '--backend lists a backend twice'),
+    (['--compare-backends', 'openvino:fat_b0'], '--compare-backends takes pairs BACKEND/MODEL:BACKEND/MODEL'),
 ])
 def test_benchmark_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):

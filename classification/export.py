@@ -1,0 +1,339 @@
+"""Export a classifier of this repository for a deployment runtime, and check it against PyTorch.
+
+    python -m classification.export --model fat_b0 [--checkpoint PATH] --format onnx|openvino|executorch
+        --output PATH [--img-size N] [--training-form] [--no-verify]
+        [--opset 18] [--exporter dynamo|torchscript]        (ONNX only)
+
+The model (its inference form, ``timm.utils.reparameterize_model``, unless ``--training-form``) is traced once by
+``torch.export`` with a dynamic batch, height and width (from 33 pixels); each format converts that one program:
+
+* ``onnx``: one ``.onnx`` file (weights included), opset 18, through ``torch.onnx.export``; checked in onnxruntime.
+  ``--exporter torchscript --opset 17`` uses the legacy TorchScript exporter instead.
+* ``openvino``: OpenVINO IR, ``PATH`` (``.xml``) and its float32 weights beside it (``.bin``; not compressed to
+  float16, which moves FAT-B0's logits by 8e-4); checked in OpenVINO's CPU plugin at float32 precision.
+* ``executorch``: one ``.pte`` program lowered to XNNPACK, ExecuTorch's CPU backend, for a batch of 1 to
+  ``MAX_EXECUTORCH_BATCH`` and sizes up to ``MAX_EXECUTORCH_SIZE_FACTOR`` times the example's (ExecuTorch plans its
+  memory for the largest input); checked in ExecuTorch's runtime.
+
+A model whose graph depends on the input size (the window partitions of some ablation models, LVT's overlapping
+windows) is exported for the example's size, with a dynamic batch, and the command says so.
+
+Without ``--checkpoint`` the weights are freshly initialised; with one (any format the project reads, loaded by
+``checkpoint_io.load_weights``), the model takes its classifier's number of classes, and a checkpoint of another
+model is refused. The graph takes ``images`` (batch x 3 x height x width, float32) and gives ``logits``.
+
+After writing, the command runs the exported model in its runtime on two random inputs, one at the example size
+and one of another batch whose height and width are not multiples of 32, and compares with PyTorch (relative
+error: max |difference| / max |PyTorch output|); it exits non-zero if an error exceeds ``VERIFY_TOLERANCE``.
+Files are written under a temporary name and renamed when complete, so a failed export leaves no partial file and
+an export to an existing path replaces it.
+"""
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import timm
+import torch
+from timm.utils import reparameterize_model
+
+from .checkpoint_io import CheckpointError, UnsafeCheckpointError, load_weights
+from .registry import model_names
+
+VERIFY_TOLERANCE = 1e-4
+MIN_OPSET = {'dynamo': 18, 'torchscript': 17}
+MAX_EXECUTORCH_BATCH = 8
+MAX_EXECUTORCH_SIZE_FACTOR = 2  # an ExecuTorch program takes heights and widths up to twice the example's
+
+# The pinned versions of the runtimes (requirements.txt), named in the messages when one is missing.
+RUNTIME_PACKAGES = {'onnx': 'onnx onnxscript onnxruntime', 'openvino': 'openvino', 'executorch': 'executorch'}
+
+
+FORMATS = {'onnx': '.onnx', 'openvino': '.xml', 'executorch': '.pte'}  # the file each writes
+
+
+def is_exporting() -> bool:
+    """Whether ``torch.export`` is tracing the calling model: the models then take the forms of their operations that
+    deployment runtimes run well (False under TorchScript, which cannot ask)."""
+    if torch.jit.is_scripting():
+        return False
+    else:
+        return torch.compiler.is_exporting()
+
+
+class RuntimeMissing(RuntimeError):
+    """The package of a runtime is not installed."""
+
+
+def require(fmt: str):
+    """Import the packages a format needs, or raise RuntimeMissing naming them."""
+    modules = {'onnx': ('onnx', 'onnxscript', 'onnxruntime'), 'openvino': ('openvino',),
+               'executorch': ('executorch.exir', 'executorch.runtime')}[fmt]
+    for module in modules:
+        try:
+            __import__(module)
+        except ImportError as error:
+            raise RuntimeMissing(f'--format {fmt} needs {RUNTIME_PACKAGES[fmt]} ({error}); '
+                                 f'install them with pip install -c requirements.txt {RUNTIME_PACKAGES[fmt]}, '
+                                 'or the deploy extra of this package') from None
+
+
+def build_model(name: str, checkpoint: Optional[Path] = None, deploy: bool = True) -> torch.nn.Module:
+    """Model ``name`` in eval mode with the weights of ``checkpoint`` (any format the project reads, its
+    classifier kept whatever its size), in its inference form if ``deploy``."""
+    model = timm.create_model(name)
+    if checkpoint is not None:
+        load_weights(model, checkpoint, head='keep')
+    model.eval()
+    return reparameterize_model(model) if deploy else model
+
+
+def check_opset(exporter: str, opset: int):
+    if exporter not in MIN_OPSET:
+        raise ValueError(f'exporter must be one of {", ".join(MIN_OPSET)}, got {exporter!r}')
+    if opset < MIN_OPSET[exporter]:
+        raise ValueError(f'the {exporter} exporter needs opset >= {MIN_OPSET[exporter]}, got {opset}'
+                         + (' (the torchscript exporter writes opset 17)' if exporter == 'dynamo' else ''))
+
+
+@contextlib.contextmanager
+def _replacing(output: Path, suffixes: Sequence[str]) -> Iterator[Path]:
+    """A temporary path beside ``output`` to write to; on success the files of ``suffixes`` written there replace
+    ``output``'s (``output`` with each suffix), on failure they are removed."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f'.{output.stem}.') as folder:
+        staged = Path(folder) / output.name
+        yield staged
+        for suffix in suffixes:
+            os.replace(staged.with_suffix(suffix), output.with_suffix(suffix))
+
+
+def _example(img_size: int) -> torch.Tensor:
+    # batch 2: an example batch of 1 would let tracers treat the batch size as a constant
+    return torch.randn(2, 3, img_size, img_size)
+
+
+class Traced(NamedTuple):
+    program: torch.export.ExportedProgram
+    dynamic_size: bool  # the program takes any height and width (within its bounds), not only the example's
+
+
+def trace(model: torch.nn.Module, img_size: int, fmt: str, batch_size: Optional[int] = None) -> Traced:
+    """``model`` as one ``torch.export`` program, which every format converts: dynamic batch, height and width
+    (bounded for ExecuTorch, which plans its memory for the largest input). A model whose graph depends on the
+    input size (a window partition fixed at trace time, say) keeps its batch dynamic and the example's size.
+    With ``batch_size``, the program takes that batch of ``img_size`` images only (the benchmark's static graphs)."""
+    if batch_size is not None:
+        with torch.no_grad():
+            return Traced(torch.export.export(model, (torch.randn(batch_size, 3, img_size, img_size),)), False)
+    bounded = fmt == 'executorch'
+    batch = torch.export.Dim('batch', min=1, max=MAX_EXECUTORCH_BATCH if bounded else None)
+    # from 33 pixels: the model's stride-32 map then has more than one position, which the trace assumes
+    size = dict(min=33, max=MAX_EXECUTORCH_SIZE_FACTOR * img_size if bounded else None)
+    height, width = torch.export.Dim('height', **size), torch.export.Dim('width', **size)
+    example = (_example(img_size),)
+    with torch.no_grad():
+        try:
+            return Traced(torch.export.export(model, example, dynamic_shapes=({0: batch, 2: height, 3: width},)),
+                          True)
+        except torch._dynamo.exc.UserError as error:
+            if error.error_type != torch._dynamo.exc.UserErrorType.CONSTRAINT_VIOLATION:
+                raise
+        return Traced(torch.export.export(model, example, dynamic_shapes=({0: batch},)), False)
+
+
+def export_onnx(model: torch.nn.Module, traced: Traced, output: Path, img_size: int, opset: int = 18,
+                exporter: str = 'dynamo'):
+    check_opset(exporter, opset)
+    with _replacing(output, ['.onnx']) as staged, torch.no_grad(), warnings.catch_warnings():
+        if exporter == 'dynamo':
+            torch.onnx.export(traced.program, f=str(staged), input_names=['images'], output_names=['logits'],
+                              opset_version=opset, dynamo=True, external_data=False, verbose=False)
+            return
+        from timm.utils.onnx import onnx_export
+
+        # the torchscript exporter is deprecated; its tracer warns about the input checks of
+        # torch.nn.functional, which hold for every traced shape
+        warnings.filterwarnings('ignore', category=DeprecationWarning, module=r'torch\.onnx|timm\.utils\.onnx')
+        warnings.filterwarnings('ignore', category=torch.jit.TracerWarning, module='torch.nn.functional')
+        onnx_export(model, str(staged), example_input=_example(img_size), opset=opset,
+                    dynamic_size=traced.dynamic_size, use_dynamo=False, input_names=['images'],
+                    output_names=['logits'])
+
+
+def export_openvino(traced: Traced, output: Path):
+    import openvino
+
+    converted = openvino.convert_model(traced.program)
+    converted.inputs[0].get_tensor().set_names({'images'})
+    converted.outputs[0].get_tensor().set_names({'logits'})
+    with _replacing(output, ['.xml', '.bin']) as staged:
+        openvino.save_model(converted, staged.with_suffix('.xml'), compress_to_fp16=False)
+
+
+def export_executorch(traced: Traced, output: Path):
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    lowered = to_edge_transform_and_lower(traced.program, partitioner=[XnnpackPartitioner()]).to_executorch()
+    with _replacing(output, ['.pte']) as staged:
+        staged.write_bytes(lowered.buffer)
+
+
+def check_size(img_size: int):
+    """Raise ValueError if the example size is too small for a dynamic-size trace."""
+    if img_size < 33:
+        raise ValueError('the image size must be at least 33 (the model downsamples by 32)')
+
+
+def export(model: torch.nn.Module, output: Path, fmt: str, img_size: int = 224, opset: int = 18,
+           exporter: str = 'dynamo', traced: Optional[Traced] = None) -> bool:
+    """Write ``model`` in format ``fmt`` to ``output`` (which takes the format's suffix), converting ``traced`` if
+    given (``trace(model, img_size, fmt)``'s result), else tracing it; whether the export takes any height and
+    width (False: only ``img_size``)."""
+    if fmt not in FORMATS:
+        raise ValueError(f'format must be one of {", ".join(FORMATS)}, got {fmt!r}')
+    if output.suffix != FORMATS[fmt]:
+        raise ValueError(f'the {fmt} output must end in {FORMATS[fmt]}, got {output}')
+    check_size(img_size)
+    require(fmt)
+    traced = traced or trace(model, img_size, fmt)
+    if fmt == 'onnx':
+        export_onnx(model, traced, output, img_size, opset, exporter)
+    elif fmt == 'openvino':
+        export_openvino(traced, output)
+    else:
+        export_executorch(traced, output)
+    return traced.dynamic_size
+
+
+def load_runtime(path: Path, fmt: str, threads: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
+    """The exported model at ``path`` in its runtime, as a function of a float32 NCHW array to the logits.
+    ``threads``: the runtime's CPU threads (its default if None)."""
+    require(fmt)
+    if fmt == 'onnx':
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        session = onnxruntime.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
+        name = session.get_inputs()[0].name
+        return lambda images: session.run(None, {name: images})[0]
+    if fmt == 'openvino':
+        import openvino
+
+        config = {'INFERENCE_PRECISION_HINT': 'f32', 'PERFORMANCE_HINT': 'LATENCY'}
+        if threads:
+            config['INFERENCE_NUM_THREADS'] = threads
+        compiled = openvino.Core().compile_model(str(path), 'CPU', config)
+        request = compiled.create_infer_request()
+        return lambda images: request.infer([images])[0]
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+    from executorch.runtime import Runtime
+
+    if threads:
+        _unsafe_reset_threadpool(threads)  # XNNPACK's thread pool, shared by every program of the process
+    method = Runtime.get().load_program(path).load_method('forward')
+    return lambda images: method.execute([torch.from_numpy(images)])[0].numpy()
+
+
+def verify(model: torch.nn.Module, path: Path, fmt: str, shapes: Sequence[Tuple[int, int, int, int]]) -> List[float]:
+    """Relative error of the runtime's outputs against ``model``'s for a random input of each shape."""
+    run = load_runtime(path, fmt)
+    errors = []
+    for shape in shapes:
+        images = torch.randn(*shape)
+        with torch.no_grad():
+            expected = model(images)
+        actual = torch.from_numpy(np.asarray(run(images.numpy())))
+        if actual.shape != expected.shape:
+            raise RuntimeError(f'{fmt} gave logits of shape {tuple(actual.shape)} for input {shape}, '
+                               f'PyTorch {tuple(expected.shape)}')
+        errors.append(((actual - expected).abs().max() / expected.abs().max()).item())
+    return errors
+
+
+def verify_shapes(img_size: int, dynamic_size: bool) -> List[Tuple[int, int, int, int]]:
+    """The inputs a check runs: one image at the example size, and three more, at a nearby size whose height and
+    width are not multiples of 32 if the export takes any size (smaller, unless the example is small)."""
+    if not dynamic_size:
+        return [(1, 3, img_size, img_size), (3, 3, img_size, img_size)]
+    step = -1 if img_size >= 64 else 1
+
+    def off_32(size: int) -> int:
+        return size if size % 32 else size + 4 * step
+
+    return [(1, 3, img_size, img_size), (3, 3, off_32(img_size + 8 * step), off_32(img_size + 16 * step))]
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f'python -m {__spec__.name}', description=__doc__.splitlines()[0])
+    names = model_names(ablations=True)
+    parser.add_argument('--model', required=True, choices=names, metavar='NAME', help=f'one of {", ".join(names)}')
+    parser.add_argument('--checkpoint', type=Path, help='weights to export (the authors\' or this project\'s)')
+    parser.add_argument('--format', required=True, choices=tuple(FORMATS), dest='fmt')
+    parser.add_argument('--output', type=Path, required=True,
+                        help='the file to write: .onnx, .xml (OpenVINO; its .bin beside it) or .pte')
+    parser.add_argument('--img-size', type=int,
+                        help='size of the example input (default: the model\'s, pretrained_cfg input_size)')
+    parser.add_argument('--training-form', action='store_true',
+                        help='export the model as built, without folding it into its inference form')
+    parser.add_argument('--no-verify', action='store_true', help='skip running the export in its runtime')
+    parser.add_argument('--opset', type=int, help='ONNX opset (default: 18 for dynamo, 17 for torchscript)')
+    parser.add_argument('--exporter', choices=tuple(MIN_OPSET), help='ONNX exporter (default: dynamo)')
+    args = parser.parse_args(argv)
+    if args.fmt != 'onnx' and (args.opset is not None or args.exporter is not None):
+        parser.error('--opset and --exporter apply to --format onnx only')
+    args.exporter = args.exporter or 'dynamo'
+    args.opset = args.opset if args.opset is not None else MIN_OPSET[args.exporter]
+    if args.output.suffix != FORMATS[args.fmt]:
+        parser.error(f'--output of --format {args.fmt} must end in {FORMATS[args.fmt]}, got {args.output}')
+    if args.output.is_dir():
+        parser.error(f'--output {args.output} is a directory')
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        parser.error(f'--checkpoint {args.checkpoint}: no such file')
+    if args.img_size is None:
+        args.img_size = timm.get_pretrained_cfg(args.model).input_size[-1]
+    try:
+        check_opset(args.exporter, args.opset)
+        check_size(args.img_size)
+        require(args.fmt)
+    except (ValueError, RuntimeMissing) as error:
+        parser.error(str(error))
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None):
+    args = parse_args(argv)
+    try:
+        model = build_model(args.model, args.checkpoint, deploy=not args.training_form)
+    except (CheckpointError, UnsafeCheckpointError) as error:
+        sys.exit(f'error: {error}')
+    dynamic_size = export(model, args.output, args.fmt, args.img_size, args.opset, args.exporter)
+    written = [args.output] + ([args.output.with_suffix('.bin')] if args.fmt == 'openvino' else [])
+    details = f', opset {args.opset}, {args.exporter} exporter' if args.fmt == 'onnx' else ''
+    print(f'wrote {" and ".join(map(str, written))} ({args.model}, {args.fmt}{details}, '
+          f'{"training" if args.training_form else "inference"} form)')
+    if not dynamic_size:
+        print(f'note: the graph of {args.model} depends on the input size, so the export takes '
+              f'{args.img_size}x{args.img_size} images only (any batch)')
+    if args.no_verify:
+        return
+    shapes = verify_shapes(args.img_size, dynamic_size)
+    errors = verify(model, args.output, args.fmt, shapes)
+    for shape, error in zip(shapes, errors):
+        print(f'{args.fmt} vs PyTorch, input {shape}: relative error {error:.2e}')
+    if max(errors) > VERIFY_TOLERANCE:
+        sys.exit(f'error: {args.fmt} differs from PyTorch by {max(errors):.2e} relative, more than '
+                 f'{VERIFY_TOLERANCE:g}')
+
+
+if __name__ == '__main__':
+    main()
