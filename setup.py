@@ -107,10 +107,12 @@ setup(
     packages=[f'{DISTRIBUTION_PACKAGE}.{name}' for name in find_packages(include=[
         f'{package}{suffix}' for package in PROJECT_PACKAGES for suffix in ('', '.*')])],
     install_requires=['torch>=2.4', 'torchvision>=0.19', 'timm>=1.0.9,<2', 'numpy', 'pillow', 'pyyaml',
-                      'yacs>=0.1.8', 'tlt>=0.2', 'safetensors', 'fvcore', 'tqdm', 'tensorboard'],
+                      'yacs>=0.1.8', 'safetensors', 'fvcore', 'tqdm', 'tensorboard'],
     extras_require={
         'detection': ['mmcv>=2.0,<2.2', 'mmengine>=0.10.7,<1', 'mmdet>=3.3,<4', 'pycocotools'],
         'segmentation': ['mmcv>=2.0,<2.2', 'mmengine>=0.10.7,<1', 'mmsegmentation>=1.2.2,<2', 'ftfy', 'regex'],
+        # the readers of timm's dataset factory for WebDataset shards and Hugging Face datasets (README, Data layouts)
+        'data': ['webdataset>=1.0', 'datasets>=3'],
         'deploy': ['onnx>=1.23', 'onnxscript>=0.7', 'onnxruntime>=1.31', 'openvino>=2026.4', 'executorch>=1.5'],
     },
     ext_modules=ext_modules,

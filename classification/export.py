@@ -30,6 +30,8 @@ an export to an existing path replaces it.
 """
 import argparse
 import contextlib
+import ctypes
+import logging
 import os
 import sys
 import tempfile
@@ -81,6 +83,39 @@ def require(fmt: str):
             raise RuntimeMissing(f'--format {fmt} needs {RUNTIME_PACKAGES[fmt]} ({error}); '
                                  f'install them with pip install -c requirements.txt {RUNTIME_PACKAGES[fmt]}, '
                                  'or the deploy extra of this package') from None
+
+
+class _SignalStack(ctypes.Structure):
+    """Linux's ``stack_t``."""
+    _fields_ = [('ss_sp', ctypes.c_void_p), ('ss_flags', ctypes.c_int), ('ss_size', ctypes.c_size_t)]
+
+
+def signal_stack() -> Optional[Tuple[Optional[int], int, int]]:
+    """The calling thread's alternate signal stack (address, flags, size); None where it is not read (not Linux)."""
+    if not sys.platform.startswith('linux'):
+        return None
+    stack = _SignalStack()
+    if ctypes.CDLL(None, use_errno=True).sigaltstack(None, ctypes.byref(stack)) != 0:
+        raise OSError(ctypes.get_errno(), 'sigaltstack')
+    return stack.ss_sp, stack.ss_flags, stack.ss_size
+
+
+@contextlib.contextmanager
+def kept_signal_stack() -> Iterator[None]:
+    """Restore the calling thread's alternate signal stack on exit. OpenVINO's CPU plugin (2026.4) installs stacks of
+    its own when it loads, compiles and frees models, and with two models alive it can leave a freed one installed:
+    the next signal that a handler takes on that stack kills the process without a trace (Python runs its handlers,
+    SIGINT's and the SIGCHLD handler of PyTorch's data loader among them, on the alternate stack). Compile and free
+    OpenVINO models inside this context."""
+    saved = signal_stack()
+    try:
+        yield
+    finally:
+        if saved is not None and signal_stack() != saved:
+            address, flags, size = saved
+            stack = _SignalStack(address, flags & ~1, size)  # SS_ONSTACK is a state, not a setting
+            if ctypes.CDLL(None, use_errno=True).sigaltstack(ctypes.byref(stack), None) != 0:
+                raise OSError(ctypes.get_errno(), 'sigaltstack')
 
 
 def build_model(name: str, checkpoint: Optional[Path] = None, deploy: bool = True) -> torch.nn.Module:
@@ -214,7 +249,8 @@ def export(model: torch.nn.Module, output: Path, fmt: str, img_size: int = 224, 
 
 def load_runtime(path: Path, fmt: str, threads: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
     """The exported model at ``path`` in its runtime, as a function of a float32 NCHW array to the logits.
-    ``threads``: the runtime's CPU threads (its default if None)."""
+    ``threads``: the runtime's CPU threads (its default if None). Load and release an OpenVINO model inside
+    ``kept_signal_stack()``."""
     require(fmt)
     if fmt == 'onnx':
         import onnxruntime
@@ -246,17 +282,19 @@ def load_runtime(path: Path, fmt: str, threads: Optional[int] = None) -> Callabl
 
 def verify(model: torch.nn.Module, path: Path, fmt: str, shapes: Sequence[Tuple[int, int, int, int]]) -> List[float]:
     """Relative error of the runtime's outputs against ``model``'s for a random input of each shape."""
-    run = load_runtime(path, fmt)
     errors = []
-    for shape in shapes:
-        images = torch.randn(*shape)
-        with torch.no_grad():
-            expected = model(images)
-        actual = torch.from_numpy(np.asarray(run(images.numpy())))
-        if actual.shape != expected.shape:
-            raise RuntimeError(f'{fmt} gave logits of shape {tuple(actual.shape)} for input {shape}, '
-                               f'PyTorch {tuple(expected.shape)}')
-        errors.append(((actual - expected).abs().max() / expected.abs().max()).item())
+    with kept_signal_stack():
+        run = load_runtime(path, fmt)
+        for shape in shapes:
+            images = torch.randn(*shape)
+            with torch.no_grad():
+                expected = model(images)
+            actual = torch.from_numpy(np.asarray(run(images.numpy())))
+            if actual.shape != expected.shape:
+                raise RuntimeError(f'{fmt} gave logits of shape {tuple(actual.shape)} for input {shape}, '
+                                   f'PyTorch {tuple(expected.shape)}')
+            errors.append(((actual - expected).abs().max() / expected.abs().max()).item())
+        del run
     return errors
 
 
@@ -312,6 +350,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None):
     args = parse_args(argv)
+    logging.basicConfig(format='%(message)s')
+    logging.getLogger(load_weights.__module__).setLevel(logging.INFO)  # its line naming the weights it took
     try:
         model = build_model(args.model, args.checkpoint, deploy=not args.training_form)
     except (CheckpointError, UnsafeCheckpointError) as error:

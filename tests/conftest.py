@@ -142,6 +142,19 @@ def read_json_lines(path: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def with_zeroed_weights(checkpoint: Path, prefixes: tuple, path: Path) -> Path:
+    """A copy of an MMEngine checkpoint's model with the weights under ``prefixes`` zeroed: a broken head."""
+    from openmmlab.checkpoints import load_from_local_restricted
+
+    saved = load_from_local_restricted(str(checkpoint))
+    zeroed = [key for key in saved['state_dict'] if key.startswith(prefixes)]
+    assert {prefix for prefix in prefixes if any(key.startswith(prefix) for key in zeroed)} == set(prefixes)
+    for key in zeroed:
+        saved['state_dict'][key].zero_()
+    torch.save(dict(meta=saved['meta'], state_dict=saved['state_dict']), path)
+    return path
+
+
 def cli_exit(command, *args) -> SystemExit:
     """The SystemExit of ``openmmlab.cli.train`` or ``openmmlab.cli.test`` run in this process on bad input."""
     with pytest.raises(SystemExit) as exit_info:

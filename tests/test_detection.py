@@ -11,7 +11,8 @@ from mmengine.config import Config
 from mmdet.registry import MODELS
 from mmdet.testing import demo_mm_inputs
 
-from conftest import REPO_ROOT, build_and_check_model, cli_exit, fat_configs, read_json_lines, run_entry_point
+from conftest import (REPO_ROOT, build_and_check_model, cli_exit, fat_configs, read_json_lines, run_entry_point,
+                      with_zeroed_weights)
 from openmmlab import cli
 
 pytestmark = pytest.mark.slow  # training and evaluation pipelines of OpenMMLab
@@ -137,17 +138,58 @@ def test_training_from_a_classification_checkpoint(trained_detector, classificat
     assert trained_detector['checkpoint'].is_file()
 
 
+def metrics_of_checkpoint(trained_detector: dict, tiny_coco: Path, checkpoint: Path, work_dir: Path) -> dict:
+    """The metrics of ``python -m detection.test`` for a checkpoint of the trained detector, on its training images."""
+    run_entry_point('detection.test', trained_detector['config'], checkpoint, '--work-dir', work_dir,
+                    '--cfg-options', *dataset_options(tiny_coco, 'test', 'train'))
+    return read_json_lines(next(work_dir.glob('*/*.json')))[-1]
+
+
 def test_evaluation_of_the_overfit_detector_reaches_a_floor(trained_detector, tiny_coco, tmp_path):
     """Tested on the images it was trained on, a working pipeline scores well; one that learns nothing, or whose
     evaluation is broken, scores near 0."""
-    run_entry_point('detection.test', trained_detector['config'], trained_detector['checkpoint'],
-                    '--work-dir', tmp_path, '--cfg-options', *dataset_options(tiny_coco, 'test', 'train'))
-    metrics = read_json_lines(next(tmp_path.glob('*/*.json')))[-1]
+    metrics = metrics_of_checkpoint(trained_detector, tiny_coco, trained_detector['checkpoint'], tmp_path)
     kinds = ['bbox', 'segm'] if trained_detector['detector'] == 'mask-rcnn' else ['bbox']
     for kind in kinds:
         for name in ('mAP_50', 'mAP_75', 'mAP_s', 'mAP_m', 'mAP_l'):
             assert -1 <= metrics[f'coco/{kind}_{name}'] <= 1  # pycocotools gives -1 where no object is that size
         assert MAP_FLOOR <= metrics[f'coco/{kind}_mAP'] <= 1
+
+
+# what a broken detector looks like to the floor: its classifiers zeroed (every box scored alike, so that the
+# detections are no better than arbitrary ones) and, for Mask R-CNN, its mask predictor zeroed (empty masks)
+BROKEN_HEADS = {'retinanet': ('bbox_head.retina_cls.',),
+                'mask-rcnn': ('rpn_head.rpn_cls.', 'roi_head.bbox_head.fc_cls.', 'roi_head.mask_head.conv_logits.')}
+
+
+def test_the_floor_fails_a_detector_with_broken_heads(trained_detector, tiny_coco, tmp_path):
+    broken = with_zeroed_weights(trained_detector['checkpoint'], BROKEN_HEADS[trained_detector['detector']],
+                                 tmp_path / 'broken.pth')
+    metrics = metrics_of_checkpoint(trained_detector, tiny_coco, broken, tmp_path / 'test')
+    for kind in ['bbox', 'segm'] if trained_detector['detector'] == 'mask-rcnn' else ['bbox']:
+        assert metrics[f'coco/{kind}_mAP'] < MAP_FLOOR
+
+
+def test_training_resumes_its_learning_rate_schedule(tiny_coco, classification_trainer_checkpoint, tmp_path):
+    """``--resume`` restores the Runner's state through the restricted loader, the step schedule's included: a run
+    stopped after 2 of 4 epochs continues at the learning rate of epoch 3 (x0.1 after epoch 2, x0.01 after 3), where
+    a schedule started afresh would be back at the base rate."""
+    config = tiny_config(tmp_path, 'retinanet')
+    base_lr = OVERFIT['retinanet'][1]
+    with config.open('a') as schedule:
+        schedule.write("param_scheduler = [dict(type='MultiStepLR', by_epoch=True, milestones=[2, 3], gamma=0.1)]\n"
+                       "default_hooks = dict(checkpoint=dict(interval=1), logger=dict(interval=4))\n")
+    work_dir = tmp_path / 'work_dir'
+    options = [*dataset_options(tiny_coco, 'train', 'train'),
+               f'model.backbone.init_cfg.checkpoint={classification_trainer_checkpoint}']
+    run_entry_point('detection.train', config, '--work-dir', work_dir, '--cfg-options', *options,
+                    'train_cfg.max_epochs=2')
+    log = run_entry_point('detection.train', config, '--work-dir', work_dir, '--resume', '--cfg-options', *options,
+                          'train_cfg.max_epochs=4')
+    assert 'resumed epoch: 2, iter: 8' in log
+    resumed = read_json_lines(max(work_dir.glob('*/vis_data/scalars.json')))
+    assert [entry['epoch'] for entry in resumed] == [3, 4]
+    assert [entry['lr'] for entry in resumed] == pytest.approx([base_lr * 0.1, base_lr * 0.01])
 
 
 def test_test_refuses_a_checkpoint_of_another_model(trained_detector, tiny_coco, tmp_path):

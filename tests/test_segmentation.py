@@ -11,7 +11,8 @@ from mmengine.structures import PixelData
 from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
 
-from conftest import REPO_ROOT, build_and_check_model, cli_exit, fat_configs, read_json_lines, run_entry_point
+from conftest import (REPO_ROOT, build_and_check_model, cli_exit, fat_configs, read_json_lines, run_entry_point,
+                      with_zeroed_weights)
 from openmmlab import cli
 from openmmlab.backbone import FATBackbone
 from openmmlab.checkpoints import load_from_local_restricted
@@ -105,17 +106,30 @@ def test_backbone_initialises_from_the_runners_checkpoint(trained_segmentor):
         torch.testing.assert_close(value, saved[f'backbone.{key}'], rtol=0, atol=0)
 
 
-def test_evaluation_of_the_overfit_segmentor_reaches_a_floor(trained_segmentor, tiny_ade20k, tmp_path):
-    """Tested on the images it was trained on, a working pipeline scores well above a segmentor that learned
-    nothing (or whose evaluation is broken)."""
-    run_entry_point('segmentation.test', CONFIG, trained_segmentor['work_dir'] / f'iter_{OVERFIT_ITERS}.pth',
-                    '--work-dir', tmp_path, '--cfg-options', f'test_dataloader.dataset.data_root={tiny_ade20k}',
+def metrics_of_checkpoint(config: Path, checkpoint: Path, tiny_ade20k: Path, work_dir: Path) -> dict:
+    """The metrics of ``python -m segmentation.test`` on the tiny dataset's training images."""
+    run_entry_point('segmentation.test', config, checkpoint, '--work-dir', work_dir, '--cfg-options',
+                    f'test_dataloader.dataset.data_root={tiny_ade20k}',
                     'test_dataloader.dataset.data_prefix.img_path=images/training',
                     'test_dataloader.dataset.data_prefix.seg_map_path=annotations/training',
                     'test_dataloader.dataset.pipeline.1.scale=(256,64)', 'test_dataloader.num_workers=0',
                     'test_dataloader.persistent_workers=False')
-    metrics = read_json_lines(next(tmp_path.glob('*/*.json')))[-1]
+    return read_json_lines(next(work_dir.glob('*/*.json')))[-1]
+
+
+def test_evaluation_of_the_overfit_segmentor_reaches_a_floor(trained_segmentor, tiny_ade20k, tmp_path):
+    """Tested on the images it was trained on, a working pipeline scores well above a segmentor that learned
+    nothing (or whose evaluation is broken)."""
+    metrics = metrics_of_checkpoint(CONFIG, trained_segmentor['work_dir'] / f'iter_{OVERFIT_ITERS}.pth', tiny_ade20k,
+                             tmp_path)
     assert MIOU_FLOOR <= metrics['mIoU'] <= 100 and 0 <= metrics['aAcc'] <= 100
+
+
+def test_the_floor_fails_a_segmentor_with_a_broken_head(trained_segmentor, tiny_ade20k, tmp_path):
+    """Its classifier zeroed, the segmentor calls every pixel the first class (the wall): below the floor."""
+    broken = with_zeroed_weights(trained_segmentor['work_dir'] / f'iter_{OVERFIT_ITERS}.pth',
+                                 ('decode_head.conv_seg.',), tmp_path / 'broken.pth')
+    assert metrics_of_checkpoint(CONFIG, broken, tiny_ade20k, tmp_path / 'test')['mIoU'] < MIOU_FLOOR
 
 
 def test_training_reports_a_missing_dataset(tmp_path, capsys):
@@ -198,11 +212,5 @@ def test_segformer_lvt_trains_and_its_test_reports_miou(tiny_ade20k, lvt_classif
                           *train_options(tiny_ade20k, lvt_classification_checkpoint, max_iters=SEGFORMER_ITERS),
                           f'default_hooks.checkpoint.interval={SEGFORMER_ITERS}')
     assert f'loaded pretrained weights from {lvt_classification_checkpoint}' in log
-    run_entry_point('segmentation.test', config, work_dir / f'iter_{SEGFORMER_ITERS}.pth', '--work-dir',
-                    tmp_path / 'test', '--cfg-options', f'test_dataloader.dataset.data_root={tiny_ade20k}',
-                    'test_dataloader.dataset.data_prefix.img_path=images/training',
-                    'test_dataloader.dataset.data_prefix.seg_map_path=annotations/training',
-                    'test_dataloader.dataset.pipeline.1.scale=(256,64)', 'test_dataloader.num_workers=0',
-                    'test_dataloader.persistent_workers=False')
-    metrics = read_json_lines(next((tmp_path / 'test').glob('*/*.json')))[-1]
+    metrics = metrics_of_checkpoint(config, work_dir / f'iter_{SEGFORMER_ITERS}.pth', tiny_ade20k, tmp_path / 'test')
     assert MIOU_FLOOR <= metrics['mIoU'] <= 100
