@@ -173,11 +173,13 @@ def test_the_floor_fails_a_detector_with_broken_heads(trained_detector, tiny_coc
 def test_training_resumes_its_learning_rate_schedule(tiny_coco, classification_trainer_checkpoint, tmp_path):
     """``--resume`` restores the Runner's state through the restricted loader, the step schedule's included: a run
     stopped after 2 of 4 epochs continues at the learning rate of epoch 3 (x0.1 after epoch 2, x0.01 after 3), where
-    a schedule started afresh would be back at the base rate."""
+    a schedule started afresh would be back at the base rate. (The schedule states its end: MMEngine otherwise ends
+    it at the max_epochs of the run that built it, here the first run's 2.)"""
     config = tiny_config(tmp_path, 'retinanet')
     base_lr = OVERFIT['retinanet'][1]
     with config.open('a') as schedule:
-        schedule.write("param_scheduler = [dict(type='MultiStepLR', by_epoch=True, milestones=[2, 3], gamma=0.1)]\n"
+        schedule.write("param_scheduler = [dict(type='MultiStepLR', by_epoch=True, begin=0, end=4, milestones=[2, 3], "
+                       "gamma=0.1)]\n"
                        "default_hooks = dict(checkpoint=dict(interval=1), logger=dict(interval=4))\n")
     work_dir = tmp_path / 'work_dir'
     options = [*dataset_options(tiny_coco, 'train', 'train'),

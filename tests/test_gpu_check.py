@@ -197,7 +197,7 @@ def test_cpu_rehearsal_runs_every_step_and_reports_it(tmp_path):
     assert paper['fat_b0', 'mobilevit_xs']['measured'] == pytest.approx(1 / rows['mobilevit_xs']['throughput_b2_x_fat'])
 
     resumed = steps['trainer_bf16_resume']['figures']
-    assert resumed['epochs'] == [1, 2, 3] and resumed['resumed_after_epoch'] in (1, 2)
+    assert resumed['epochs'] == [1, 2] and resumed['resumed_after_epoch'] == 1  # killed after its first checkpoint
     fp16, fat_b2 = steps['trainer_fp16']['figures'], steps['trainer_fat_b2']['figures']
     assert fp16['loss_scale'] > 0 and resumed['loss_scale'] is None and fat_b2['epochs'] == [1]
     for run in (resumed, fp16, fat_b2):
@@ -219,7 +219,8 @@ def test_benchmark_without_batch1_latency(tmp_path, capsys):
                     '--output-dir', str(tmp_path)])
     assert 'latency' not in capsys.readouterr().out
     result = json.loads((tmp_path / 'benchmark.json').read_text())
-    assert list(result['seconds_per_round']) == ['throughput_b2'] and 'latency_ms' not in result['rows'][0]
+    assert result['seconds_per_round'].keys() == {'torch'} and 'latency_ms' not in result['rows'][0]
+    assert list(result['seconds_per_round']['torch']) == ['throughput_b2']
     assert result['rows'][0]['throughput_b2'] > 0
     with pytest.raises(SystemExit):
         benchmark.main(['--latency-rounds', '1'])

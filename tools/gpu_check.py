@@ -528,8 +528,8 @@ def run_model_benchmark(check: Check, name: str, options: Sequence[str]) -> Dict
                *options], 'classification.benchmark')
     result = json.loads((folder / 'benchmark.json').read_text())
     settings = result['settings']
-    wrong = [f'{row["model"]} {figure}' for row in result['rows'] for figure in result['seconds_per_round']
-             if not 0 < row[figure] < math.inf]
+    wrong = [f'{row["model"]} {figure}' for row in result['rows']
+             for figure in result['seconds_per_round'][row['backend']] if not 0 < (row[figure] or 0) < math.inf]
     if wrong:
         raise StepFailed(f'figures that are not positive and finite: {", ".join(wrong)}', result)
     return dict(machine=result['machine'], settings=settings, rows=result['rows'],
