@@ -69,11 +69,15 @@ def tiny_coco_panoptic(tmp_path_factory) -> Path:
     return root
 
 
-# iterations at this rate for the semantic head to fit the wall. Measured on the training images after 100: PQ^st 97.1,
-# SQ^st 97.1 (PQ^th still 0: no detection reaches the fusion's score threshold of 0.6); untrained (1 iteration at
-# lr 1e-9): PQ^st 47.6, SQ^st 54.4, since its semantic head already calls most pixels wall. The segmentation quality
-# of the wall (its IoU with the truth, averaged over the images) tells the two apart.
-TRAIN_ITERS, TRAIN_LR, SQ_STUFF_FLOOR = 100, 1e-3, 75
+# iterations at the config's rate (AdamW 3e-4, constant) in which every head's loss falls on the training images. Measured after
+# 100: the thing branch's losses fall to a fifth to a tenth of their first values (RoI classification 1.08 to 0.17,
+# boxes 0.41 to 0.12, masks 1.55 to 0.45; at 1e-3 the RoI head diverged, classification 0.85 to 5.1); on the training
+# images PQ^st 96.7, SQ^st 96.7, and PQ^th 0: no thing segment is matched, whatever the rate or clipping tried, a
+# cause not found yet. Untrained (1 iteration at lr 1e-9): PQ^st 47.6, SQ^st 54.4, since its semantic head already
+# calls most pixels wall. The segmentation quality of the wall (its IoU with the truth, averaged over the images)
+# tells the two apart.
+TRAIN_ITERS, TRAIN_LR, SQ_STUFF_FLOOR = 100, 3e-4, 75
+THING_LOSSES = ('loss_rpn_cls', 'loss_cls', 'loss_bbox', 'loss_mask')  # the RPN's, the RoI head's, the masks'
 
 
 def tiny_config(directory: Path, root: Path, checkpoint: Path) -> Path:
@@ -132,6 +136,8 @@ def test_panoptic_fpn_trains_from_a_classification_checkpoint(trained_panoptic, 
     scalars = read_json_lines(next(trained_panoptic['work_dir'].glob('*/vis_data/scalars.json')))
     assert all(math.isfinite(entry['loss']) and entry['loss_seg'] > 0 for entry in scalars)
     assert scalars[-1]['loss_seg'] < scalars[0]['loss_seg']
+    for loss in THING_LOSSES:  # the thing branch learns: a head without gradients, or diverging, stays above half
+        assert scalars[-1][loss] < scalars[0][loss] / 2, (loss, scalars[0][loss], scalars[-1][loss])
     assert trained_panoptic['checkpoint'].is_file()
 
 
