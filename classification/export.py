@@ -90,13 +90,19 @@ class _SignalStack(ctypes.Structure):
     _fields_ = [('ss_sp', ctypes.c_void_p), ('ss_flags', ctypes.c_int), ('ss_size', ctypes.c_size_t)]
 
 
+def _sigaltstack(new: Optional[_SignalStack] = None) -> _SignalStack:
+    """libc's ``sigaltstack``: installs ``new`` if given; the stack that was installed before."""
+    old = _SignalStack()
+    if ctypes.CDLL(None, use_errno=True).sigaltstack(new and ctypes.byref(new), ctypes.byref(old)) != 0:
+        raise OSError(ctypes.get_errno(), 'sigaltstack')
+    return old
+
+
 def signal_stack() -> Optional[Tuple[Optional[int], int, int]]:
     """The calling thread's alternate signal stack (address, flags, size); None where it is not read (not Linux)."""
     if not sys.platform.startswith('linux'):
         return None
-    stack = _SignalStack()
-    if ctypes.CDLL(None, use_errno=True).sigaltstack(None, ctypes.byref(stack)) != 0:
-        raise OSError(ctypes.get_errno(), 'sigaltstack')
+    stack = _sigaltstack()
     return stack.ss_sp, stack.ss_flags, stack.ss_size
 
 
@@ -113,9 +119,7 @@ def kept_signal_stack() -> Iterator[None]:
     finally:
         if saved is not None and signal_stack() != saved:
             address, flags, size = saved
-            stack = _SignalStack(address, flags & ~1, size)  # SS_ONSTACK is a state, not a setting
-            if ctypes.CDLL(None, use_errno=True).sigaltstack(ctypes.byref(stack), None) != 0:
-                raise OSError(ctypes.get_errno(), 'sigaltstack')
+            _sigaltstack(_SignalStack(address, flags & ~1, size))  # SS_ONSTACK is a state, not a setting
 
 
 def build_model(name: str, checkpoint: Optional[Path] = None, deploy: bool = True) -> torch.nn.Module:
