@@ -70,16 +70,15 @@ def tiny_coco_panoptic(tmp_path_factory) -> Path:
 
 
 # The config's rate (AdamW 3e-4) is for 64 images a step. At 2 images a step on 8 images, the backbone and the FPN,
-# trained at that rate, scaled their features some 40-fold in 100 iterations (FPN output RMS 1.8 to 67), faster than
-# the RPN's regression of its few positive anchors could follow: its loss rose fourfold, every proposal missed its
-# object, and no thing was found (PQ^th 0 at rates from 1e-4 to 2e-3, with clipping or a warm-up). Here they train at a
-# tenth of the rate, as when fine-tuning pretrained features, and the RPN samples 32 anchors an image instead of 256
-# since each image holds 1-2 objects. Measured after 100 iterations, on the training images, with seeds 0 and 1:
-# PQ^th 36.8 and 39.1 (SQ^th 76.3, 73.3), PQ^st 93.8 and 97.1; the RPN's classification loss falls to a twelfth,
-# its regression loss to under a half, the masks' to a third. With its classifiers and mask predictor zeroed, the
-# detector finds no thing (PQ^th 0). Untrained (1 iteration at lr 1e-9): SQ^st 54.4, since its semantic head already
-# calls most pixels wall; the wall's segmentation quality (its IoU with the truth, averaged over the images) tells the
-# two apart.
+# trained at that rate, scaled their features some 40-fold in 100 iterations (FPN output RMS 1.8 to 67), faster than the
+# RPN's regression of its few positive anchors could follow: its loss rose fourfold, every proposal missed its object,
+# and almost no thing was found (PQ^th 0 to 2 at rates from 1e-4 to 2e-3, with clipping or a warm-up). Here the two
+# train at a tenth of the rate, as when fine-tuning pretrained features, and the RPN samples 32 anchors an image instead
+# of 256 since each image holds 1-2 objects. Measured after 100 iterations, on the training images, with seeds 0 and 1:
+# PQ^th 36.8 and 39.1 (SQ^th 76.3, 73.3), PQ^st 93.8 and 97.1; the RPN's classification loss falls to a twelfth, its
+# regression loss to under a half, the masks' to a third. With its classifiers and mask predictor zeroed, the detector
+# finds no thing (PQ^th 0). Untrained (1 iteration at lr 1e-9): SQ^st 54.4, since its semantic head already calls most
+# pixels wall; the wall's segmentation quality (its IoU with the truth, averaged over the images) tells the two apart.
 TRAIN_ITERS, TRAIN_LR, PQ_THING_FLOOR, SQ_STUFF_FLOOR = 100, 3e-4, 20, 75
 # the losses that fall below half (the RPN's regression loss only falls: its rise was the failure above); the RoI
 # head's are measured on proposals that change as the RPN learns (more of them are positive, so its box loss rises),
