@@ -142,6 +142,13 @@ def read_json_lines(path: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def metrics_of_test_run(module: str, config: Path, checkpoint: Path, work_dir: Path, *cfg_options: str) -> dict:
+    """The metrics that ``python -m module config checkpoint`` (an OpenMMLab test entry point) writes last."""
+    options = ('--cfg-options', *cfg_options) if cfg_options else ()
+    run_entry_point(module, config, checkpoint, '--work-dir', work_dir, *options)
+    return read_json_lines(next(work_dir.glob('*/*.json')))[-1]
+
+
 def with_zeroed_weights(checkpoint: Path, prefixes: tuple, path: Path) -> Path:
     """A copy of an MMEngine checkpoint's model with the weights under ``prefixes`` zeroed: a broken head."""
     from openmmlab.checkpoints import load_from_local_restricted

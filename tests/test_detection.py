@@ -11,8 +11,8 @@ from mmengine.config import Config
 from mmdet.registry import MODELS
 from mmdet.testing import demo_mm_inputs
 
-from conftest import (REPO_ROOT, build_and_check_model, cli_exit, fat_configs, read_json_lines, run_entry_point,
-                      with_zeroed_weights)
+from conftest import (REPO_ROOT, build_and_check_model, cli_exit, fat_configs, metrics_of_test_run, read_json_lines,
+                      run_entry_point, with_zeroed_weights)
 from openmmlab import cli
 
 pytestmark = pytest.mark.slow  # training and evaluation pipelines of OpenMMLab
@@ -70,6 +70,7 @@ def tiny_coco(tmp_path_factory) -> Path:
 # detector that learns nothing scores 0.
 OVERFIT = {'retinanet': (40, 2e-4), 'mask-rcnn': (25, 2e-3)}
 MAP_FLOOR = 0.3
+METRIC_KINDS = {'retinanet': ('bbox',), 'mask-rcnn': ('bbox', 'segm')}  # the COCO metrics each detector reports
 
 
 def tiny_config(directory: Path, detector: str) -> Path:
@@ -140,17 +141,15 @@ def test_training_from_a_classification_checkpoint(trained_detector, classificat
 
 def metrics_of_checkpoint(trained_detector: dict, tiny_coco: Path, checkpoint: Path, work_dir: Path) -> dict:
     """The metrics of ``python -m detection.test`` for a checkpoint of the trained detector, on its training images."""
-    run_entry_point('detection.test', trained_detector['config'], checkpoint, '--work-dir', work_dir,
-                    '--cfg-options', *dataset_options(tiny_coco, 'test', 'train'))
-    return read_json_lines(next(work_dir.glob('*/*.json')))[-1]
+    return metrics_of_test_run('detection.test', trained_detector['config'], checkpoint, work_dir,
+                               *dataset_options(tiny_coco, 'test', 'train'))
 
 
 def test_evaluation_of_the_overfit_detector_reaches_a_floor(trained_detector, tiny_coco, tmp_path):
     """Tested on the images it was trained on, a working pipeline scores well; one that learns nothing, or whose
     evaluation is broken, scores near 0."""
     metrics = metrics_of_checkpoint(trained_detector, tiny_coco, trained_detector['checkpoint'], tmp_path)
-    kinds = ['bbox', 'segm'] if trained_detector['detector'] == 'mask-rcnn' else ['bbox']
-    for kind in kinds:
+    for kind in METRIC_KINDS[trained_detector['detector']]:
         for name in ('mAP_50', 'mAP_75', 'mAP_s', 'mAP_m', 'mAP_l'):
             assert -1 <= metrics[f'coco/{kind}_{name}'] <= 1  # pycocotools gives -1 where no object is that size
         assert MAP_FLOOR <= metrics[f'coco/{kind}_mAP'] <= 1
@@ -166,7 +165,7 @@ def test_the_floor_fails_a_detector_with_broken_heads(trained_detector, tiny_coc
     broken = with_zeroed_weights(trained_detector['checkpoint'], BROKEN_HEADS[trained_detector['detector']],
                                  tmp_path / 'broken.pth')
     metrics = metrics_of_checkpoint(trained_detector, tiny_coco, broken, tmp_path / 'test')
-    for kind in ['bbox', 'segm'] if trained_detector['detector'] == 'mask-rcnn' else ['bbox']:
+    for kind in METRIC_KINDS[trained_detector['detector']]:
         assert metrics[f'coco/{kind}_mAP'] < MAP_FLOOR
 
 

@@ -11,7 +11,8 @@ from mmengine.config import Config
 from mmdet.registry import MODELS
 from mmdet.testing import demo_mm_inputs
 
-from conftest import REPO_ROOT, build_and_check_model, read_json_lines, run_entry_point, with_zeroed_weights
+from conftest import (REPO_ROOT, build_and_check_model, metrics_of_test_run, read_json_lines, run_entry_point,
+                      with_zeroed_weights)
 
 pytestmark = pytest.mark.slow  # training and evaluation pipelines of OpenMMLab
 
@@ -152,16 +153,11 @@ def test_panoptic_fpn_trains_from_a_classification_checkpoint(trained_panoptic, 
     assert trained_panoptic['checkpoint'].is_file()
 
 
-def panoptic_metrics(trained_panoptic: dict, checkpoint: Path, work_dir: Path) -> dict:
-    """The metrics of ``python -m detection.test`` for a checkpoint of the trained model, on its training images."""
-    run_entry_point('detection.test', trained_panoptic['config'], checkpoint, '--work-dir', work_dir)
-    return read_json_lines(next(work_dir.glob('*/*.json')))[-1]
-
-
 def test_the_test_command_reports_panoptic_quality(trained_panoptic, tmp_path):
     """PQ, SQ and RQ over all, thing and stuff categories: the things are found and segmented, and the wall's
     segmentation quality is well above the untrained model's."""
-    metrics = panoptic_metrics(trained_panoptic, trained_panoptic['checkpoint'], tmp_path)
+    metrics = metrics_of_test_run('detection.test', trained_panoptic['config'], trained_panoptic['checkpoint'],
+                                  tmp_path)
     for kind in ('', '_th', '_st'):
         for name in ('PQ', 'SQ', 'RQ'):
             assert 0 <= metrics[f'coco_panoptic/{name}{kind}'] <= 100
@@ -171,7 +167,7 @@ def test_the_test_command_reports_panoptic_quality(trained_panoptic, tmp_path):
 
 def test_the_thing_floor_fails_a_model_with_broken_thing_heads(trained_panoptic, tmp_path):
     broken = with_zeroed_weights(trained_panoptic['checkpoint'], BROKEN_HEADS, tmp_path / 'broken.pth')
-    metrics = panoptic_metrics(trained_panoptic, broken, tmp_path / 'test')
+    metrics = metrics_of_test_run('detection.test', trained_panoptic['config'], broken, tmp_path / 'test')
     assert metrics['coco_panoptic/PQ_th'] < PQ_THING_FLOOR
     assert metrics['coco_panoptic/SQ_st'] >= SQ_STUFF_FLOOR  # the stuff branch is intact
 

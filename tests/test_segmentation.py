@@ -11,8 +11,8 @@ from mmengine.structures import PixelData
 from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
 
-from conftest import (REPO_ROOT, build_and_check_model, cli_exit, fat_configs, read_json_lines, run_entry_point,
-                      with_zeroed_weights)
+from conftest import (REPO_ROOT, build_and_check_model, cli_exit, fat_configs, metrics_of_test_run, read_json_lines,
+                      run_entry_point, with_zeroed_weights)
 from openmmlab import cli
 from openmmlab.backbone import FATBackbone
 from openmmlab.checkpoints import load_from_local_restricted
@@ -108,20 +108,19 @@ def test_backbone_initialises_from_the_runners_checkpoint(trained_segmentor):
 
 def metrics_of_checkpoint(config: Path, checkpoint: Path, tiny_ade20k: Path, work_dir: Path) -> dict:
     """The metrics of ``python -m segmentation.test`` on the tiny dataset's training images."""
-    run_entry_point('segmentation.test', config, checkpoint, '--work-dir', work_dir, '--cfg-options',
-                    f'test_dataloader.dataset.data_root={tiny_ade20k}',
-                    'test_dataloader.dataset.data_prefix.img_path=images/training',
-                    'test_dataloader.dataset.data_prefix.seg_map_path=annotations/training',
-                    'test_dataloader.dataset.pipeline.1.scale=(256,64)', 'test_dataloader.num_workers=0',
-                    'test_dataloader.persistent_workers=False')
-    return read_json_lines(next(work_dir.glob('*/*.json')))[-1]
+    return metrics_of_test_run('segmentation.test', config, checkpoint, work_dir,
+                               f'test_dataloader.dataset.data_root={tiny_ade20k}',
+                               'test_dataloader.dataset.data_prefix.img_path=images/training',
+                               'test_dataloader.dataset.data_prefix.seg_map_path=annotations/training',
+                               'test_dataloader.dataset.pipeline.1.scale=(256,64)', 'test_dataloader.num_workers=0',
+                               'test_dataloader.persistent_workers=False')
 
 
 def test_evaluation_of_the_overfit_segmentor_reaches_a_floor(trained_segmentor, tiny_ade20k, tmp_path):
     """Tested on the images it was trained on, a working pipeline scores well above a segmentor that learned
     nothing (or whose evaluation is broken)."""
     metrics = metrics_of_checkpoint(CONFIG, trained_segmentor['work_dir'] / f'iter_{OVERFIT_ITERS}.pth', tiny_ade20k,
-                             tmp_path)
+                                    tmp_path)
     assert MIOU_FLOOR <= metrics['mIoU'] <= 100 and 0 <= metrics['aAcc'] <= 100
 
 
