@@ -44,6 +44,7 @@ import timm
 import torch
 from timm.utils import reparameterize_model
 
+from . import dependencies
 from .checkpoint_io import CheckpointError, UnsafeCheckpointError, load_weights
 from .registry import model_names
 
@@ -51,9 +52,6 @@ VERIFY_TOLERANCE = 1e-4
 MIN_OPSET = {'dynamo': 18, 'torchscript': 17}
 MAX_EXECUTORCH_BATCH = 8
 MAX_EXECUTORCH_SIZE_FACTOR = 2  # an ExecuTorch program takes heights and widths up to twice the example's
-
-# The pinned versions of the runtimes (requirements.txt), named in the messages when one is missing.
-RUNTIME_PACKAGES = {'onnx': 'onnx onnxscript onnxruntime', 'openvino': 'openvino', 'executorch': 'executorch'}
 
 
 FORMATS = {'onnx': '.onnx', 'openvino': '.xml', 'executorch': '.pte'}  # the file each writes
@@ -78,11 +76,9 @@ def require(fmt: str):
                'executorch': ('executorch.exir', 'executorch.runtime')}[fmt]
     for module in modules:
         try:
-            __import__(module)
-        except ImportError as error:
-            raise RuntimeMissing(f'--format {fmt} needs {RUNTIME_PACKAGES[fmt]} ({error}); '
-                                 f'install them with pip install -c requirements.txt {RUNTIME_PACKAGES[fmt]}, '
-                                 'or the deploy extra of this package') from None
+            dependencies.require(module, 'deploy', f'--format {fmt}')
+        except dependencies.MissingDependency as error:
+            raise RuntimeMissing(str(error)) from None
 
 
 class _SignalStack(ctypes.Structure):

@@ -5,10 +5,15 @@ checkpoints read by the restricted unpickler (``checkpoints``) and the train / t
 ``register(registry)`` puts the backbones into a model registry (MMDetection's or MMSegmentation's) and makes
 MMEngine read local checkpoints with the restricted loader.
 """
-from mmengine.registry import Registry
+from classification.dependencies import require
 
-from .backbone import BACKBONES
-from .checkpoints import use_restricted_loading
+require('mmengine', 'openmmlab', 'Detection and segmentation')
+require('mmcv.ops', 'openmmlab', 'Detection and segmentation')
+
+from mmengine.registry import Registry  # noqa: E402  (after the check that names what installs it)
+
+from .backbone import BACKBONES  # noqa: E402
+from .checkpoints import use_restricted_loading  # noqa: E402
 
 __all__ = ['register']
 

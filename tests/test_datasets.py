@@ -48,6 +48,8 @@ def write_hf_dataset(data: Path, root: Path) -> Path:
 def layouts(tmp_path_factory) -> dict:
     """One tiny dataset (12 training and 6 validation images, 3 classes) in every layout, with the options that
     select each: class folders, a tar per split, WebDataset shards of 3 samples, a local Hugging Face dataset."""
+    for module in ('webdataset', 'datasets'):
+        pytest.importorskip(module, reason=f'{module} is not installed (make setup-extras)')
     root = tmp_path_factory.mktemp('layouts')
     data = write_image_folder(root / 'folder', 4, 2)
     pack(str(data), str(root / 'tar'), 'tar')

@@ -8,6 +8,9 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+
+pytest.importorskip('mmengine', reason='MMEngine is not installed (make setup-dense)')
+
 from mmengine.config import Config
 from mmengine.logging import MMLogger
 

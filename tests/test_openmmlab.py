@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 import timm
 import torch
+
+pytest.importorskip('mmengine', reason='MMEngine is not installed (make setup-dense)')
+
 from mmengine.logging import HistoryBuffer
 from mmengine.runner.checkpoint import _load_checkpoint, load_state_dict
 
@@ -171,6 +174,7 @@ def test_detector_checkpoints_of_the_former_layouts_load():
 def test_segmentation_needs_no_mmdetection():
     """An MMSegmentation user without MMDetection: the segmentor builds and runs, and its checkpoints load
     through the restricted loader."""
+    pytest.importorskip('mmseg', reason='MMSegmentation is not installed (make setup-dense)')
     script = '''
 import sys
 sys.modules['mmdet'] = None  # importing MMDetection now fails, as where it is not installed

@@ -5,9 +5,9 @@
 #
 # The check runs under the GPU machine's own python3 (3.12), which has torch, torchvision, timm, numpy, pillow,
 # pyyaml, tqdm, tabulate, portalocker, scipy, tensorboard, pytest, setuptools and ninja, but not this project's
-# other runtime packages: yacs (the trainer's config), tlt (its token-labelling loss), fvcore (the FLOP counter,
-# imported by the benchmark) and fvcore's iopath and termcolor. This script fetches those as Python 3.12 wheels,
-# with timm and Pillow at the versions requirements.txt pins, in case the machine holds others (Pillow 13 breaks
+# other runtime packages: yacs (the trainer's config), fvcore (the FLOP counter, imported by the benchmark) and
+# fvcore's iopath and termcolor. This script fetches those as Python 3.12 wheels, with timm and Pillow at the
+# versions requirements.txt pins, in case the machine holds others (Pillow 13 breaks
 # the recipe's RandAugment). tools/gpu_check.py installs from FOLDER, with `pip install --no-index --no-deps
 # --target` beside (never over) the machine's torch, what the machine lacks or holds at another version. Copy or
 # carry FOLDER with the repository.
@@ -16,13 +16,13 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 dest="${1:-${GPU_WHEELS:-gpu-wheels}}"
 
-# yacs, tlt and fvcore at the versions requirements.txt pins; fvcore's own dependencies at versions known to work.
+# yacs and fvcore at the versions requirements.txt pins; fvcore's own dependencies at versions known to work.
 pinned() {
     local line
     line=$(grep -iE "^$1==" requirements.txt) || { echo "error: requirements.txt pins no version of $1" >&2; exit 1; }
     echo "${line%%[ ;#]*}"
 }
-requirements=("$(pinned yacs)" "$(pinned tlt)" "$(pinned fvcore)" iopath==0.1.10 termcolor==3.3.0 "$(pinned timm)"
+requirements=("$(pinned yacs)" "$(pinned fvcore)" iopath==0.1.10 termcolor==3.3.0 "$(pinned timm)"
               "$(pinned pillow)")
 
 platforms=()
