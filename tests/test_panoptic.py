@@ -3,16 +3,19 @@ import json
 import math
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
+
+pytest.importorskip('mmdet', reason='MMDetection is not installed (make setup-dense)')
+
+import cv2  # OpenCV comes with the OpenMMLab stack
 import torch
 from mmengine.config import Config
 from mmdet.registry import MODELS
 from mmdet.testing import demo_mm_inputs
 
-from conftest import (REPO_ROOT, build_and_check_model, metrics_of_test_run, read_json_lines, run_entry_point,
-                      with_zeroed_weights)
+from conftest import (REPO_ROOT, TRAINING_SEED, build_and_check_model, metrics_of_test_run, read_json_lines,
+                      run_entry_point, with_zeroed_weights)
 
 pytestmark = pytest.mark.slow  # training and evaluation pipelines of OpenMMLab
 
@@ -129,7 +132,7 @@ optim_wrapper = dict(optimizer=dict(lr={TRAIN_LR}),
 param_scheduler = []
 train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters={TRAIN_ITERS})
 default_hooks = dict(checkpoint=dict(by_epoch=False, interval={TRAIN_ITERS}), logger=dict(interval=10))
-randomness = dict(seed=0)
+randomness = dict(seed={TRAINING_SEED})
 """)
     return path
 
@@ -155,9 +158,10 @@ def test_panoptic_fpn_trains_from_a_classification_checkpoint(trained_panoptic, 
 
 def test_the_test_command_reports_panoptic_quality(trained_panoptic, tmp_path):
     """PQ, SQ and RQ over all, thing and stuff categories: the things are found and segmented, and the wall's
-    segmentation quality is well above the untrained model's."""
+    segmentation quality is well above the untrained model's. Seeds 0, 1, 2 (2-core AMD EPYC, AVX2): PQ^th 41.8,
+    35.0, 48.0; SQ^st 96.5, 95.7, 95.7."""
     metrics = metrics_of_test_run('detection.test', trained_panoptic['config'], trained_panoptic['checkpoint'],
-                                  tmp_path)
+                                  tmp_path, process=True)
     for kind in ('', '_th', '_st'):
         for name in ('PQ', 'SQ', 'RQ'):
             assert 0 <= metrics[f'coco_panoptic/{name}{kind}'] <= 100

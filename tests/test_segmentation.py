@@ -2,17 +2,20 @@
 import math
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
+
+pytest.importorskip('mmseg', reason='MMSegmentation is not installed (make setup-dense)')
+
+import cv2  # OpenCV comes with the OpenMMLab stack
 import torch
 from mmengine.config import Config
 from mmengine.structures import PixelData
 from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
 
-from conftest import (REPO_ROOT, build_and_check_model, cli_exit, fat_configs, metrics_of_test_run, read_json_lines,
-                      run_entry_point, with_zeroed_weights)
+from conftest import (REPO_ROOT, TRAINING_SEED, build_and_check_model, cli_exit, fat_configs, metrics_of_test_run,
+                      read_json_lines, run_entry_point, with_zeroed_weights)
 from openmmlab import cli
 from openmmlab.backbone import FATBackbone
 from openmmlab.checkpoints import load_from_local_restricted
@@ -60,7 +63,8 @@ def train_options(root: Path, checkpoint: Path, max_iters: int) -> list:
             f'{dataset}.pipeline.3.crop_size=(64,64)', 'model.data_preprocessor.size=(64,64)',
             'train_dataloader.batch_size=2', 'train_dataloader.num_workers=0',
             'train_dataloader.persistent_workers=False', 'val_cfg=None', 'val_dataloader=None', 'val_evaluator=None',
-            f'train_cfg.max_iters={max_iters}', f'optim_wrapper.optimizer.lr={OVERFIT_LR}', 'randomness.seed=0',
+            f'train_cfg.max_iters={max_iters}', f'optim_wrapper.optimizer.lr={OVERFIT_LR}',
+            f'randomness.seed={TRAINING_SEED}',
             'default_hooks.logger.interval=10', f'default_hooks.checkpoint.interval={OVERFIT_ITERS // 2}',
             f'model.backbone.init_cfg.checkpoint={checkpoint}']
 
@@ -70,8 +74,10 @@ def trained_segmentor(tmp_path_factory, tiny_ade20k, classification_trainer_chec
     """Semantic FPN-FAT-B0 trained through ``python -m segmentation.train``: half the iterations from the
     classification trainer's checkpoint, then ``--resume`` from the Runner's checkpoint for the rest."""
     work_dir = tmp_path_factory.mktemp('segmentor') / 'work_dir'
+    # the first run in a process of its own (the command as users run it), the second in this one
     logs = [run_entry_point('segmentation.train', CONFIG, '--work-dir', work_dir, *resume, '--cfg-options',
-                            *train_options(tiny_ade20k, classification_trainer_checkpoint, max_iters=max_iters))
+                            *train_options(tiny_ade20k, classification_trainer_checkpoint, max_iters=max_iters),
+                            process=not resume)
             for resume, max_iters in (([], OVERFIT_ITERS // 2), (['--resume'], OVERFIT_ITERS))]
     return dict(work_dir=work_dir, logs=logs)
 
@@ -106,21 +112,22 @@ def test_backbone_initialises_from_the_runners_checkpoint(trained_segmentor):
         torch.testing.assert_close(value, saved[f'backbone.{key}'], rtol=0, atol=0)
 
 
-def metrics_of_checkpoint(config: Path, checkpoint: Path, tiny_ade20k: Path, work_dir: Path) -> dict:
+def metrics_of_checkpoint(config: Path, checkpoint: Path, tiny_ade20k: Path, work_dir: Path,
+                          process: bool = False) -> dict:
     """The metrics of ``python -m segmentation.test`` on the tiny dataset's training images."""
-    return metrics_of_test_run('segmentation.test', config, checkpoint, work_dir,
-                               f'test_dataloader.dataset.data_root={tiny_ade20k}',
-                               'test_dataloader.dataset.data_prefix.img_path=images/training',
-                               'test_dataloader.dataset.data_prefix.seg_map_path=annotations/training',
-                               'test_dataloader.dataset.pipeline.1.scale=(256,64)', 'test_dataloader.num_workers=0',
-                               'test_dataloader.persistent_workers=False')
+    options = [f'test_dataloader.dataset.data_root={tiny_ade20k}',
+               'test_dataloader.dataset.data_prefix.img_path=images/training',
+               'test_dataloader.dataset.data_prefix.seg_map_path=annotations/training',
+               'test_dataloader.dataset.pipeline.1.scale=(256,64)', 'test_dataloader.num_workers=0',
+               'test_dataloader.persistent_workers=False']
+    return metrics_of_test_run('segmentation.test', config, checkpoint, work_dir, *options, process=process)
 
 
 def test_evaluation_of_the_overfit_segmentor_reaches_a_floor(trained_segmentor, tiny_ade20k, tmp_path):
     """Tested on the images it was trained on, a working pipeline scores well above a segmentor that learned
-    nothing (or whose evaluation is broken)."""
+    nothing (or whose evaluation is broken). Seeds 0, 1, 2 (2-core AMD EPYC, AVX2): mIoU 60.1, 58.0, 61.7."""
     metrics = metrics_of_checkpoint(CONFIG, trained_segmentor['work_dir'] / f'iter_{OVERFIT_ITERS}.pth', tiny_ade20k,
-                                    tmp_path)
+                                    tmp_path, process=True)  # the command in a process of its own, once
     assert MIOU_FLOOR <= metrics['mIoU'] <= 100 and 0 <= metrics['aAcc'] <= 100
 
 
@@ -203,7 +210,7 @@ def test_segformer_config_follows_the_authors_setting_builds_and_computes_finite
 def test_segformer_lvt_trains_and_its_test_reports_miou(tiny_ade20k, lvt_classification_checkpoint, tmp_path):
     """A few iterations at a constant learning rate (the recipe's warm-up would keep it near 0) from an LVT
     classifier's weights, then the test command on the training images: well above a segmentor that learned
-    nothing."""
+    nothing. Seeds 0, 1, 2 (2-core AMD EPYC, AVX2): mIoU 87.0, 70.8, 75.4."""
     config = tmp_path / 'tiny_segformer.py'
     config.write_text(f"_base_ = '{SEGFORMER_CONFIG}'\nparam_scheduler = []\n")
     work_dir = tmp_path / 'work_dir'
