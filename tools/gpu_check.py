@@ -23,6 +23,9 @@ The report, report.md and report.json, goes to gpu-check/, or the folder GPU_CHE
 rewritten after every step, so a check stopped from outside still reports the steps it finished. Every step's log,
 the trainer's runs and the generated dataset stay in the work folder (build/gpu-check/, --work-dir). The exit
 status is 1 when a step failed, 2 when the check could not start. docs/benchmarks.md says how to read the report.
+
+The rehearsal runs the bf16 steps in bf16 where the CPU computes it natively (AVX-512 BF16 or AMX, as oneDNN reports
+it) and in float32 elsewhere, where bf16 autocast would be emulated and many times slower; the report says which.
 """
 import argparse
 import datetime
@@ -47,13 +50,17 @@ DEFAULT_OUT = REPO / 'gpu-check'
 DEFAULT_WORK = REPO / 'build' / 'gpu-check'
 DEFAULT_WHEELS = REPO / 'gpu-wheels'
 GPU_BUDGET_SECONDS = 390
-SMOKE_BUDGET_SECONDS = 170
+SMOKE_BUDGET_SECONDS = 240
+# The rehearsal's budget and step limits were sized on a machine where probe_seconds() measured this, idle (a 2-core
+# AMD EPYC with AVX2 only, 2 threads: its steps took 175-185 s, the fp16 one 67-78 s, fp16 autocast being emulated
+# there as bf16 is); on a slower or busier CPU they stretch by what the probe measures there.
+SMOKE_PROBE_REFERENCE_SECONDS = 2.5
 LOG_TAIL_LINES = 40
 
 # What the steps import: (module, distribution). tools/gpu_wheels.sh fetches those a GPU machine's image may lack or
 # hold at another version than requirements.txt pins (timm, and Pillow, whose version 13 breaks RandAugment).
 REQUIRED = (('yacs.config', 'yacs'), ('fvcore.nn', 'fvcore'), ('iopath', 'iopath'), ('termcolor', 'termcolor'),
-            ('tlt.loss', 'tlt'), ('timm', 'timm'), ('PIL', 'pillow'), ('torch', 'torch'),
+            ('timm', 'timm'), ('PIL', 'pillow'), ('torch', 'torch'),
             ('torchvision', 'torchvision'), ('numpy', 'numpy'), ('yaml', 'pyyaml'), ('tqdm', 'tqdm'),
             ('tensorboard', 'tensorboard'), ('scipy', 'scipy'), ('tabulate', 'tabulate'),
             ('portalocker', 'portalocker'), ('pytest', 'pytest'), ('setuptools', 'setuptools'))
@@ -145,6 +152,18 @@ class Check:
         self.step_name = ''
         self.current_limit = 0.0
         self.gpus = 0
+        # what the bf16 steps run in: float32 in a rehearsal on a CPU without native bf16 (describe_environment)
+        self.bf16 = True
+        # the rehearsal's limits and budget over those it was sized with (calibrate())
+        self.time_scale = 1.0
+        self.probe_seconds: Optional[float] = None
+
+    def calibrate(self):
+        """In the rehearsal, stretch the budget and the step limits by how much slower this machine runs the probe than
+        the one they were sized on (never shrink them)."""
+        self.probe_seconds = probe_seconds()
+        self.time_scale = max(1.0, self.probe_seconds / SMOKE_PROBE_REFERENCE_SECONDS)
+        self.budget *= self.time_scale
 
     # ---- time -------------------------------------------------------------------------------------------------
 
@@ -210,7 +229,7 @@ class Check:
     def run_steps(self, steps: Sequence[Step]):
         for step in steps:
             self.step_name = step.name
-            self.current_limit = step.smoke_limit if self.smoke else step.limit
+            self.current_limit = step.smoke_limit * self.time_scale if self.smoke else step.limit
             started = time.monotonic()
             self.step_deadline = started + self.current_limit
             result = dict(name=step.name, description=step.description, status='passed', seconds=0.0,
@@ -254,8 +273,19 @@ class Check:
             check=dict(mode='smoke (CPU rehearsal)' if self.smoke else 'gpu', complete=complete,
                        command=' '.join([Path(self.python).name] + sys.argv), started=self.started_at,
                        seconds=round(self.elapsed(), 1), budget_seconds=self.budget, out_dir=str(self.out),
-                       work_dir=str(self.work)),
+                       work_dir=str(self.work), bf16_steps_precision=self.bf16_steps_precision(),
+                       probe_seconds=self.probe_seconds, time_scale=self.time_scale),
             environment=self.environment, summary=counts, steps=self.results, not_covered=list(NOT_COVERED))
+
+    def bf16_steps_precision(self) -> str:
+        if self.bf16:
+            return 'bf16'
+        return ('float32: this CPU has no native bf16 (no AVX-512 BF16 or AMX), where bf16 autocast is emulated and '
+                'many times slower')
+
+    def amp(self, precision: str) -> str:
+        """A step's AMP setting (the trainer's AMP key): 'off' for a bf16 step run in float32."""
+        return precision if precision != 'bf16' or self.bf16 else 'off'
 
     def write_report(self, complete: bool):
         report = self.report(complete)
@@ -272,6 +302,26 @@ class Check:
 
 
 # ---- environment ----------------------------------------------------------------------------------------------
+
+
+def probe_seconds() -> float:
+    """Seconds of two float32 training steps of FAT-B0 at the rehearsal trainer's size (batch 100 at 32 px), after a
+    warm-up one, with the threads that the steps' processes get (OMP_NUM_THREADS, else every core)."""
+    import timm
+    import torch
+
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import classification  # noqa: F401  (registers FAT with timm)
+
+    torch.manual_seed(0)
+    model = timm.create_model('fat_b0', num_classes=10).train()
+    images, labels = torch.randn(100, 3, 32, 32), torch.randint(0, 10, (100,))
+    for step in range(3):
+        if step == 1:
+            started = time.perf_counter()
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+    return time.perf_counter() - started
 
 
 def _first_line(argv: Sequence[str], pattern: str = '') -> Optional[str]:
@@ -304,6 +354,7 @@ def describe_environment(check: Check) -> Dict:
             env[module] = None
     if check.smoke or not torch.cuda.is_available():
         env['device'] = 'cpu'
+        env['cpu_native_bf16'] = check.bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
         return env
     properties = torch.cuda.get_device_properties(0)
     check.gpus = torch.cuda.device_count()
@@ -473,8 +524,8 @@ def step_kernels_benchmark(check: Check) -> Dict:
     results = check.work / 'bench' / 'kernels.json'
     argv = [check.python, '-m', 'kernels.benchmark', '--json', results]
     if check.smoke:
-        argv += ['--device', 'cpu', '--batch-sizes', '1', '2', '--dtypes', 'bfloat16', '--warmup', '1',
-                 '--iterations', '2', '--rounds', '1']
+        argv += ['--device', 'cpu', '--batch-sizes', '1', '2', '--dtypes', 'bfloat16' if check.bf16 else 'float32',
+                 '--warmup', '1', '--iterations', '2', '--rounds', '1']
     check.run(argv, 'kernels.benchmark')
     figures = json.loads(results.read_text())
     if check.smoke:
@@ -541,7 +592,8 @@ def step_model_benchmark(check: Check) -> Dict:
     if check.smoke:
         options = ['--device', 'cpu', '--models', 'fat_b0', 'mobilevit_xs', 'fat_b2', 'efficientnet_b3',
                    '--throughput-batch-sizes', '2', '--train-batch-size', '2', '--latency-rounds', '2', '--warmup', '1',
-                   '--throughput-warmup', '0', '--throughput-rounds', '1', '--amp', 'bf16']
+                   '--throughput-warmup', '0', '--throughput-rounds', '1',
+                   '--amp', 'bf16' if check.bf16 else 'none']
     else:
         options = ['--device', 'cuda', '--throughput-batch-sizes', '64', '256', '--train-batch-size', '128',
                    '--amp', 'bf16', '--warmup', '10', '--latency-rounds', '50', '--throughput-warmup', '3',
@@ -593,7 +645,7 @@ def trainer_command(check: Check, model: str, output: Path, epochs: int, amp: st
             '--opts', 'DATA.DATASET', 'synthetic_shapes', 'MODEL.NUM_CLASSES', '10', 'DATA.IMG_SIZE', image_size,
             'DATA.NUM_WORKERS', workers, 'DATA.PIN_MEMORY', not check.smoke, 'DATA.DEVICE_NORMALIZE', 'True',
             'TRAIN.EPOCHS', epochs, 'TRAIN.WARMUP_EPOCHS', min(1, epochs - 1), 'TRAIN.CHANNELS_LAST', 'True',
-            'TRAIN.EMA.ENABLED', 'True', 'AMP', amp, 'PRINT_FREQ', steps_per_epoch, 'SAVE_FREQ', '1']
+            'TRAIN.EMA.ENABLED', 'True', 'AMP', check.amp(amp), 'PRINT_FREQ', steps_per_epoch, 'SAVE_FREQ', '1']
 
 
 _INTERVAL = re.compile(r'([\d.]+) img/s  data ([\d.]+) s  compute ([\d.]+) s per batch')
@@ -687,11 +739,11 @@ STEPS = (
     Step('model_benchmark', 'python -m classification.benchmark: FAT, LVT and the paper\'s peers, eager',
          step_model_benchmark, 150, 60),
     Step('trainer_bf16_resume', 'torchrun classification.train, FAT-B0 bf16 channels-last EMA, killed and resumed',
-         step_trainer_bf16_resume, 120, 60),
+         step_trainer_bf16_resume, 120, 90),
     Step('trainer_fp16', 'torchrun classification.train, FAT-B0 fp16 with the GradScaler', step_trainer_fp16,
-         60, 90),
+         60, 120),
     Step('trainer_fat_b2', 'torchrun classification.train, FAT-B2 bf16 channels-last EMA', step_trainer_fat_b2,
-         60, 30),
+         60, 60),
     Step('model_benchmark_compiled', 'python -m classification.benchmark --compile: FAT-B0 and its two paper peers',
          step_model_benchmark_compiled, 150, 0,
          cuda_only='the rehearsal leaves out torch.compile, minutes of C++ compilation on a small CPU '
@@ -814,7 +866,11 @@ def render_markdown(report: Dict) -> str:
              f"{counts['skipped']} skipped"
              + ('.' if check['complete'] else ' (incomplete: the check was still running).'), '',
              f"`{check['command']}`; every step's log is in `{check['work_dir']}/logs/`. "
-             'docs/benchmarks.md says how to read this report.', '']
+             'docs/benchmarks.md says how to read this report.', '',
+             f"The bf16 steps ran in {check['bf16_steps_precision']}."
+             + (f" Budget and limits ×{check['time_scale']:.2f}: the probe took {check['probe_seconds']:.2f} s, "
+                f'{SMOKE_PROBE_REFERENCE_SECONDS:.2f} s where they were sized.' if check.get('probe_seconds') else ''),
+             '']
     if device != 'cpu':
         gpu = (f"{device} × {env.get('gpus')}, compute capability {env.get('compute_capability')}, "
                f"{env.get('multiprocessors')} SMs, {env.get('memory_gib')} GiB")
@@ -940,10 +996,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f'stopped by signal {signum}'))
     check = Check(args, out, work)
     check.environment = describe_environment(check)
+    if check.smoke and args.budget is None:
+        check.calibrate()
     check.write_report(complete=False)
     where = check.environment['device']
     print(f"{'CPU rehearsal' if check.smoke else 'GPU check'} on {where}: report in {out}, logs in {work / 'logs'}, "
-          f'budget {check.budget:.0f} s', flush=True)
+          f'budget {check.budget:.0f} s'
+          + (f' (×{check.time_scale:.2f}: the probe took {check.probe_seconds:.2f} s)' if check.probe_seconds else '')
+          + f'; the bf16 steps run in {check.bf16_steps_precision()}', flush=True)
     steps = [step for step in STEPS if not args.steps or step.name in args.steps or step.name == 'dependencies']
     check.run_steps(steps)
     check.write_report(complete=True)
