@@ -3,7 +3,6 @@ ExecuTorch), the benchmark."""
 import json
 import statistics
 
-import onnx
 import pytest
 import timm
 import torch
@@ -26,6 +25,14 @@ def randomize_norms(model: torch.nn.Module) -> torch.nn.Module:
             module.running_mean.uniform_(-1, 1)
             module.running_var.uniform_(0.5, 2)
     return model.eval()
+
+
+def skip_without_runtime(fmt: str):
+    """Skip the calling test, with the reason, where the runtime of ``fmt`` is not installed."""
+    try:
+        export.require(fmt)
+    except export.RuntimeMissing as missing:
+        pytest.skip(str(missing))
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -121,8 +128,12 @@ def test_exported_graphs_take_the_runtime_friendly_attention_and_overlap_add():
         assert present in graph and absent not in graph
 
 
-# FAT-B0, an ablation model (its projection takes both branches) and LVT, whose graph depends on the input size
-EXPORTED_MODELS = ('fat_b0', 'fat_b0_cat', 'lvt_cls')
+# FAT-B0, an ablation model (its projection takes both branches) and LVT, whose graph depends on the input size, each
+# shallower than registered: every module type of the full model, in a graph that ExecuTorch lowers in a fraction of
+# the time (its lowering grows with the graph: FAT-B0 140 s, this FAT-B0 80 s on a 2-core CPU). The full FAT-B0 goes
+# through the export command's tests.
+EXPORTED_MODELS = {'fat_b0': dict(depths=(2, 2, 2, 1)), 'fat_b0_cat': dict(depths=(2, 2, 2, 1)),
+                   'lvt_cls': dict(depths=(1, 1, 1, 1), num_class_blocks=1)}
 
 
 @pytest.fixture(scope='module')
@@ -133,7 +144,8 @@ def traced_models():
     def get(name: str, fmt: str):
         if name not in cache:
             torch.manual_seed(0)
-            cache[name] = (reparameterize_model(randomize_norms(timm.create_model(name))), {})
+            cache[name] = (reparameterize_model(randomize_norms(timm.create_model(name, **EXPORTED_MODELS[name]))),
+                           {})
         model, traces = cache[name]
         bounded = fmt == 'executorch'
         if bounded not in traces:
@@ -146,6 +158,7 @@ def traced_models():
 @pytest.mark.parametrize('fmt', tuple(export.FORMATS))
 @pytest.mark.parametrize('name', EXPORTED_MODELS)
 def test_export_runs_in_its_runtime_like_pytorch(name, fmt, traced_models, tmp_path):
+    skip_without_runtime(fmt)
     model, traced = traced_models(name, fmt)
     output = tmp_path / f'{name}{export.FORMATS[fmt]}'
     dynamic_size = export.export(model, output, fmt, img_size=64, traced=traced)
@@ -153,6 +166,8 @@ def test_export_runs_in_its_runtime_like_pytorch(name, fmt, traced_models, tmp_p
     expected_files = {output.name} | ({output.with_suffix('.bin').name} if fmt == 'openvino' else set())
     assert {path.name for path in tmp_path.iterdir()} == expected_files  # no temporary left, ONNX weights inside
     if fmt == 'onnx':
+        import onnx
+
         dims = onnx.load(str(output)).graph.input[0].type.tensor_type.shape.dim
         assert [d.dim_param != '' for d in dims] == [True, False, dynamic_size, dynamic_size]
     shapes = export.verify_shapes(64, dynamic_size)
@@ -164,6 +179,7 @@ def test_export_runs_in_its_runtime_like_pytorch(name, fmt, traced_models, tmp_p
 
 @pytest.mark.slow
 def test_export_command_to_a_new_folder_twice(tmp_path, capsys):
+    skip_without_runtime('openvino')
     output = tmp_path / 'new' / 'folder' / 'fat_b0.xml'
     signal_stack = export.signal_stack()
     for _ in range(2):  # the second run replaces the first's files
@@ -178,12 +194,15 @@ def test_export_command_to_a_new_folder_twice(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_export_command_with_the_torchscript_onnx_exporter(tmp_path, capsys):
+    skip_without_runtime('onnx')
     export.main(['--model', 'fat_b0', '--format', 'onnx', '--output', str(tmp_path / 'fat_b0.onnx'),
                  '--exporter', 'torchscript', '--opset', '17', '--img-size', '64'])
     printed = capsys.readouterr().out
     assert 'opset 17, torchscript exporter, inference form' in printed
     errors = [float(line.rsplit(' ', 1)[1]) for line in printed.splitlines() if 'relative error' in line]
     assert len(errors) == 2 and max(errors) <= 1e-4
+    import onnx
+
     assert onnx.load(str(tmp_path / 'fat_b0.onnx')).opset_import[0].version == 17
 
 
@@ -224,6 +243,7 @@ def test_export_rejects_bad_arguments(argv, message, capsys):
 
 @pytest.mark.slow
 def test_benchmark_times_each_runtime_in_its_own_block(tmp_path, capsys):
+    skip_without_runtime('openvino')
     signal_stack = export.signal_stack()
     benchmark.main(['--models', 'fat_b0', 'edgenext_x_small', '--backend', 'authors', 'openvino',
                     '--warmup', '1', '--latency-rounds', '3', '--throughput-batch-sizes', '2', '--throughput-warmup',

@@ -23,6 +23,7 @@ from classification.data import CropFlipWithBox, build_datasets
 from classification.lvt import _swap_box, checkpoint_filter_fn
 from classification.model_table import count_flops, count_params
 from classification.token_labelling import TokenLabelLoss, dense_targets
+from classification.train import parse_args, run
 from conftest import (REPO_ROOT, RunsShellCommand, assert_channels_last_autocast_trains,
                       assert_reported_accuracy_matches, run_ok, write_image_folder)
 
@@ -142,10 +143,12 @@ def test_channels_last_autocast_forward_backward(dtype):
 
 @pytest.mark.slow
 def test_torch_compile_matches_eager():
+    """One graph, no graph break, equal to eager (aot_eager, as FAT's test in test_model.py says why)."""
     model = timm.create_model('lvt_cls').eval()
     images = torch.randn(2, 3, 64, 96)
+    compiled = torch.compile(model, backend='aot_eager', fullgraph=True)
     with torch.no_grad():
-        torch.testing.assert_close(torch.compile(model)(images), model(images), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(compiled(images), model(images), rtol=1e-4, atol=1e-4)
 
 
 def test_mix_token_swaps_a_box_and_back():
@@ -342,11 +345,11 @@ def test_token_labelling_trains_through_the_trainer(tmp_path, with_score_maps):
     data = write_image_folder(tmp_path / 'data', 4, 1)
     score_maps = ['--token-label-data', str(write_score_maps(data, tmp_path / 'score_maps', 3))] \
         if with_score_maps else []
-    command = [sys.executable, '-m', 'classification.train', '--cfg', LVT_CONFIG, '--data-path', str(data),
-               '--output', str(tmp_path / 'output'), '--batch-size', '4', *score_maps,
-               '--opts', 'DATA.IMG_SIZE', '64', 'DATA.NUM_WORKERS', '0', 'MODEL.NUM_CLASSES', '3', 'TRAIN.EPOCHS', '2',
-               'TRAIN.WARMUP_EPOCHS', '1', 'TRAIN.COOLDOWN_EPOCHS', '1', 'PRINT_FREQ', '1']
-    log = run_ok(command).stdout
+    run(parse_args(['--cfg', LVT_CONFIG, '--data-path', str(data), '--output', str(tmp_path / 'output'),
+                    '--batch-size', '4', *score_maps, '--opts', 'DATA.IMG_SIZE', '64', 'DATA.NUM_WORKERS', '0',
+                    'MODEL.NUM_CLASSES', '3', 'TRAIN.EPOCHS', '2', 'TRAIN.WARMUP_EPOCHS', '1',
+                    'TRAIN.COOLDOWN_EPOCHS', '1', 'PRINT_FREQ', '1']))
+    log = (tmp_path / 'output' / 'log.txt').read_text()
     assert ('with the score maps of' in log) == with_score_maps
     assert ('the patch tokens learn their image\'s label' in log) == (not with_score_maps)
     summary = json.loads((tmp_path / 'output' / 'summary.json').read_text())
@@ -389,10 +392,9 @@ def test_corrupt_score_maps_are_skipped_and_counted(tmp_path, caplog):
 def test_eval_of_authors_checkpoint(tmp_path, reference_dir):
     data = write_image_folder(tmp_path / 'data', 2, 4)
     checkpoint = lvt_reference(reference_dir) / 'lvt_cls_official_format.pth'
-    result = run_ok([sys.executable, '-m', 'classification.train', '--cfg', LVT_CONFIG, '--data-path', str(data),
-                     '--output', str(tmp_path / 'eval'), '--eval', '--resume', str(checkpoint), '--opts',
-                     'DATA.IMG_SIZE', '64', 'DATA.NUM_WORKERS', '0'])
+    run(parse_args(['--cfg', LVT_CONFIG, '--data-path', str(data), '--output', str(tmp_path / 'eval'), '--eval',
+                    '--resume', str(checkpoint), '--opts', 'DATA.IMG_SIZE', '64', 'DATA.NUM_WORKERS', '0']))
 
     model = authors_model(reference_dir, 'lvt_cls').eval()
     _, val = build_datasets(load_config(LVT_CONFIG, ['DATA.IMG_SIZE', '64'], **{'DATA.DATA_PATH': str(data)}))
-    assert_reported_accuracy_matches(result.stdout, model, val)
+    assert_reported_accuracy_matches((tmp_path / 'eval' / 'eval_log.txt').read_text(), model, val)

@@ -161,10 +161,13 @@ def test_channels_last_autocast_forward_backward(dtype):
 
 @pytest.mark.slow
 def test_torch_compile_matches_eager_forward_and_backward():
+    """torch.compile captures the whole forward in one graph (no graph break) and AOTAutograd its backward; the
+    backend is aot_eager, which runs the captured graphs as they are: Inductor's C++ code generation takes minutes on
+    a small CPU (Inductor compiles FAT on a GPU in make gpu-check's model_benchmark_compiled step)."""
     # a shallower FAT-B0 has every module type of the full one and compiles in a fraction of the time
     model = timm.create_model('fat_b0', depths=(2, 2, 2, 1), drop_path_rate=0.).train()
     images = torch.randn(2, 3, 64, 64)
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, backend='aot_eager', fullgraph=True)
     outputs = []
     for forward in (model, compiled):
         model.zero_grad()
