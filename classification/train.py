@@ -592,10 +592,13 @@ class Trainer:
             best = dict(weights='ema' if winner == 'model_ema' else 'model', metric='acc1', value=accuracy1,
                         epoch=epoch + 1) if accuracy1 > self.max_accuracy else None
             self.max_accuracy = max(self.max_accuracy, accuracy1)
-            _logger.info('epoch %d/%d: train loss %.4f, %.1f img/s; val acc@1 %.2f %% acc@5 %.2f %%%s; best %.2f %%',
-                         epoch + 1, self.epochs, train_stats['loss'], train_stats['images_per_second'],
+            epochs_done = epoch + 1 - self.start_epoch
+            run_eta = (time.time() - started) / epochs_done * (self.epochs - epoch - 1)
+            _logger.info('epoch %d/%d: train loss %.4f, %.1f img/s; val acc@1 %.2f %% acc@5 %.2f %%%s; best %.2f %%; '
+                         'run eta %s', epoch + 1, self.epochs, train_stats['loss'], train_stats['images_per_second'],
                          metrics['acc1'], metrics['acc5'],
-                         f" (EMA {metrics['ema_acc1']:.2f} %)" if 'ema_acc1' in metrics else '', self.max_accuracy)
+                         f" (EMA {metrics['ema_acc1']:.2f} %)" if 'ema_acc1' in metrics else '', self.max_accuracy,
+                         datetime.timedelta(seconds=int(run_eta)))
             if self.distributed.is_main:
                 step = (epoch + 1) * self.steps_per_epoch
                 for name, value in metrics.items():
