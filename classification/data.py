@@ -277,12 +277,14 @@ class DeviceNormalize:
 def seeded_random_state(*entropy: int):
     """Seed Python's, NumPy's and PyTorch's (CPU) global random generators from ``entropy`` for the ``with``
     block, then restore them: the augmentation of a sample becomes a function of ``entropy`` alone, whichever
-    process or worker computes it and whatever ran there before."""
+    process or worker computes it and whatever ran there before. The CPU generator alone: ``torch.manual_seed``
+    would also reseed every CUDA generator, leaving the training process's (with ``DATA.NUM_WORKERS 0``) a
+    function of the last sample's key."""
     python, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
     seed32, seed64 = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint64)
     random.seed(int(seed64))
     np.random.seed(int(seed32) % 2 ** 32)
-    torch.manual_seed(int(seed64))
+    torch.default_generator.manual_seed(int(seed64))
     try:
         yield
     finally:

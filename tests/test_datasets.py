@@ -18,7 +18,7 @@ from PIL import Image
 from classification.checkpoint_io import load_checkpoint_file
 from classification.config import ConfigError, dataset_layout, load_config
 from classification.data import (CheckedImages, SeededSamples, ValidationShards, build_datasets, build_train_loader,
-                                 build_val_dataset, build_val_loader)
+                                 build_val_dataset, build_val_loader, seeded_random_state)
 from classification.pack_dataset import PackError, pack
 from classification.pack_dataset import main as pack_main
 from classification.train import parse_args, run
@@ -81,6 +81,22 @@ def validation_items(val) -> list:
 
 
 # ---- names ----------------------------------------------------------------------------------------------------
+
+
+def test_a_samples_seed_reaches_the_cpu_generator_alone(monkeypatch):
+    """seeded_random_state seeds and then restores the CPU generator, and never touches a CUDA one (on a GPU with
+    DATA.NUM_WORKERS 0, drop-path masks and device-side erasing would follow the last sample's key)."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, 'manual_seed_all', reseeded.append)
+    monkeypatch.setattr(torch.cuda, 'manual_seed', reseeded.append)
+    before = torch.get_rng_state()
+    draws = []
+    for _ in range(2):
+        with seeded_random_state(0, 1, 2):
+            draws.append(torch.rand(4))
+    torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert reseeded == []
 
 
 def test_dataset_names_are_timms():
