@@ -52,8 +52,9 @@ class PyramidBackbone(BaseModule):
         out_indices: stages whose outputs are returned: 0, 1, 2, 3 are strides 4, 8, 16, 32. Stages after the
             last one are dropped, as are the classifier and the final norm.
         frozen_stages: -1 trains everything; 0 freezes the stem (if the model has one); n >= 1 also stages
-            0 ... n-1 (parameters fixed, in eval mode); for FAT's dense pyramid these are the authors' stages, each
-            ending with the stride-2 block that follows it.
+            0 ... n-1 and their output norms ``norm0`` ... ``norm{n-1}``, as MMDetection's Swin does (parameters
+            fixed, in eval mode); for FAT's dense pyramid these are the authors' stages, each ending with the
+            stride-2 block that follows it.
         norm_eval: keep every BatchNorm in eval mode while training, i.e. its running statistics fixed.
         drop_path_rate: stochastic depth, linear in block order up to this rate; None keeps the registered
             model's rate (0 for a layout given as a dict).
@@ -126,10 +127,13 @@ class PyramidBackbone(BaseModule):
         stem = [self.model.stem] if hasattr(self.model, 'stem') else []
         return stem + list(self.model.stages[:self.frozen_stages])
 
+    def _frozen_output_norms(self) -> List[nn.Module]:
+        return [getattr(self, f'norm{i}') for i in range(self.frozen_stages) if f'norm{i}' in self.norm_names]
+
     def _freeze_stages(self):
         if self.frozen_stages < 0:
             return
-        for module in self._frozen_modules():
+        for module in self._frozen_modules() + self._frozen_output_norms():
             module.eval()
             for param in module.parameters():
                 param.requires_grad = False

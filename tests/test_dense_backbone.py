@@ -220,11 +220,13 @@ def test_pruned_dense_backbone_keeps_what_its_last_level_needs(reference_dir):
 
 
 def test_frozen_stages_are_the_authors_stages():
-    """With the dense pyramid a stage ends with the stride-2 block that follows it, as in the authors' layout."""
+    """With the dense pyramid a stage ends with the stride-2 block that follows it, as in the authors' layout; a
+    frozen stage's output norm is frozen with it (MMDetection's Swin freezes norm{i-1} with its stage i)."""
     backbone = FATBackbone('fat_b0', frozen_stages=2).train()
     stages = backbone.model.stages
-    frozen = [backbone.model.stem, stages[0].blocks, stages[1].downsample, stages[1].blocks, stages[2].downsample]
-    trainable = [stages[2].blocks, stages[3], backbone.norm0]
+    frozen = [backbone.model.stem, stages[0].blocks, stages[1].downsample, stages[1].blocks, stages[2].downsample,
+              backbone.norm0, backbone.norm1]
+    trainable = [stages[2].blocks, stages[3], backbone.norm2, backbone.norm3]
     assert not any(p.requires_grad for module in frozen for p in module.parameters())
     assert not any(m.training for module in frozen for m in module.modules())
     assert all(p.requires_grad for module in trainable for p in module.parameters())

@@ -87,9 +87,9 @@ def test_backbone_options(classification_trainer_checkpoint):
     assert backbone.norm_names == ['norm1', 'norm2'] and not hasattr(backbone, 'norm0')
     assert all(isinstance(getattr(backbone, name), torch.nn.BatchNorm2d) for name in backbone.norm_names)
 
-    frozen = [backbone.model.stem, backbone.model.stages[0], backbone.model.stages[1]]
+    frozen = [backbone.model.stem, backbone.model.stages[0], backbone.model.stages[1], backbone.norm1]
     assert not any(p.requires_grad for module in frozen for p in module.parameters())
-    assert all(p.requires_grad for p in backbone.model.stages[2].parameters())
+    assert all(p.requires_grad for module in (backbone.model.stages[2], backbone.norm2) for p in module.parameters())
     assert not any(m.training for module in frozen for m in module.modules())
     batch_norms = [m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert batch_norms and not any(m.training for m in batch_norms)
