@@ -405,6 +405,10 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(os.path.join(config.OUTPUT, 'tensorboard'))
 
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
     def resume(self, checkpoint: Dict, path: str):
         """Continue from a checkpoint: this trainer's (weights, optimizer, EMA, epoch, random state), or the weights
         of any other (another trainer's, such as the authors', or a state dict), with their EMA weights where they
@@ -720,7 +724,10 @@ def run_job(config: CfgNode, distributed: Distributed, cli_batch_size: Optional[
         if resume_from == latest and not config.MODEL.RESUME:
             _logger.info('auto-resume: found %s', resume_from)
         trainer.resume(checkpoint, resume_from)
-    summary = trainer.fit()
+    try:
+        summary = trainer.fit()
+    finally:  # a run stopped by an error (a non-finite loss, a corrupt batch) keeps its last scalars
+        trainer.close()
     if distributed.is_main:
         with open(os.path.join(config.OUTPUT, 'summary.json'), 'w') as f:
             json.dump(summary, f, indent=2)

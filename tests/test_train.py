@@ -226,8 +226,14 @@ def test_any_decoding_error_skips_the_image(tmp_path, caplog):
 
 
 @pytest.mark.parametrize('print_freq, where', [(1, 'step 1/3'), (3, 'steps 1-3/3')])
-def test_non_finite_loss_stops_with_the_step_range(tmp_path, print_freq, where):
-    """The loss is read once per PRINT_FREQ steps: the stop names the steps since the last read."""
+def test_non_finite_loss_stops_with_the_step_range(tmp_path, monkeypatch, print_freq, where):
+    """The loss is read once per PRINT_FREQ steps: the stop names the steps since the last read. The TensorBoard
+    writer is closed (flushed) on the way out."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    closed = []
+    close = SummaryWriter.close
+    monkeypatch.setattr(SummaryWriter, 'close', lambda writer: (closed.append(writer.log_dir), close(writer)))
     data = write_image_folder(tmp_path / 'data', 4, 1)
     weights = timm.create_model('fat_b0', num_classes=3).state_dict()
     weights['head.fc.weight'].fill_(float('nan'))
@@ -236,6 +242,7 @@ def test_non_finite_loss_stops_with_the_step_range(tmp_path, print_freq, where):
                            '--batch-size', '4', '--opts', *TINY, 'MODEL.PRETRAINED', str(tmp_path / 'nan.pth'),
                            'PRINT_FREQ', str(print_freq))
     assert message == f'error: non-finite loss at epoch 1, {where}: stopping'
+    assert closed == [str(tmp_path / 'out' / 'tensorboard')]
 
 
 def test_training_loop_reads_the_device_once_per_report(tmp_path, monkeypatch):
