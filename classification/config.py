@@ -177,6 +177,23 @@ def _describe(error: Exception) -> str:
     return str(error.args[0]) if error.args else repr(error)
 
 
+_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'classification')
+
+
+def _run_name(cfg_path: Optional[str]) -> str:
+    """The default output folder's name for a config file: its path without the suffix, relative to this project's
+    ``configs/classification`` (``fat_b0``, ``ablation/fat_b0_add``), else to the working directory
+    (``exp1/fat_b0``), else absolute: two config files never share a run folder, even under one name."""
+    if not cfg_path:
+        return 'default'
+    path = os.path.splitext(os.path.abspath(cfg_path))[0]
+    for root in (_CONFIG_DIR, os.getcwd()):
+        relative = os.path.relpath(path, root)
+        if not relative.startswith(os.pardir + os.sep):
+            return relative
+    return path.lstrip(os.sep)
+
+
 def load_config(cfg_path: Optional[str] = None, opts: Sequence[str] = (), **overrides) -> CN:
     """The defaults, merged with ``cfg_path``, ``opts`` (KEY VALUE pairs), then ``overrides`` whose
     non-None values are set as given (``{'DATA.BATCH_SIZE': 64}``)."""
@@ -193,8 +210,7 @@ def load_config(cfg_path: Optional[str] = None, opts: Sequence[str] = (), **over
     except (KeyError, ValueError, AssertionError) as error:
         raise ConfigError(f'--opts: {_describe(error)}') from None
     if not config.OUTPUT:
-        config_name = os.path.splitext(os.path.basename(cfg_path))[0] if cfg_path else 'default'
-        config.OUTPUT = os.path.join('output', config.MODEL.NAME, config_name)
+        config.OUTPUT = os.path.join('output', config.MODEL.NAME, _run_name(cfg_path))
     _validate(config)
     config.freeze()
     return config

@@ -778,13 +778,27 @@ def test_resume_with_another_recipe_stops_naming_the_keys(one_epoch_run, tmp_pat
     assert 'resuming from' in log and 'epoch 1 done' in log
 
 
-def test_default_output_folder_is_per_model_and_config():
-    """Runs of different models or config files never share a folder (and so never resume each other)."""
+def test_default_output_folder_is_per_model_and_config(tmp_path, monkeypatch):
+    """Runs of different models or config files never share a folder (and so never resume each other), even two
+    config files of one name in two folders."""
     configs = sorted((REPO_ROOT / 'configs' / 'classification').rglob('*.yaml'))
     outputs = {path: load_config(str(path)).OUTPUT for path in configs}
     assert outputs[REPO_ROOT / 'configs' / 'classification' / 'fat_b0.yaml'] == os.path.join('output', 'fat_b0',
                                                                                              'fat_b0')
+    assert outputs[REPO_ROOT / 'configs' / 'classification' / 'ablation' / 'fat_b0_add.yaml'] == os.path.join(
+        'output', 'fat_b0_add', 'ablation', 'fat_b0_add')
     assert len(set(outputs.values())) == len(configs)
+
+    for experiment in ('exp1', 'exp2'):
+        (tmp_path / 'work' / experiment).mkdir(parents=True)
+        shutil.copy(B0_CONFIG, tmp_path / 'work' / experiment / 'fat_b0.yaml')
+    monkeypatch.chdir(tmp_path / 'work')
+    assert load_config('exp1/fat_b0.yaml').OUTPUT == os.path.join('output', 'fat_b0', 'exp1', 'fat_b0')
+    assert load_config(str(tmp_path / 'work' / 'exp2' / 'fat_b0.yaml')).OUTPUT == os.path.join('output', 'fat_b0',
+                                                                                               'exp2', 'fat_b0')
+    monkeypatch.chdir(tmp_path / 'work' / 'exp1')
+    assert load_config('../exp2/fat_b0.yaml').OUTPUT == os.path.join(
+        'output', 'fat_b0', *(tmp_path / 'work' / 'exp2' / 'fat_b0').parts[1:])
     assert load_config(B0_CONFIG, ['OUTPUT', 'mine']).OUTPUT == 'mine'
     assert load_config(B0_CONFIG, ['MODEL.NAME', 'fat_b1']).OUTPUT == os.path.join('output', 'fat_b1', 'fat_b0')
 
