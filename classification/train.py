@@ -53,7 +53,7 @@ from .checkpoint_io import (CheckpointError, UnsafeCheckpointError, best_weights
 from .checkpointing import Checkpointer, is_trainer_checkpoint, set_rng_state
 from .config import ConfigError, config_changes, load_config, total_epochs
 from .data import (DatasetError, DeviceNormalize, build_datasets, build_train_loader, build_val_dataset,
-                   build_val_loader, describe)
+                   build_val_loader, describe, split_name)
 from .synthetic_shapes import ensure_synthetic_shapes
 from .token_labelling import TokenLabelLoss
 
@@ -348,6 +348,15 @@ class _Interval:
         self.start = time.perf_counter()
 
 
+def _validation_split(saved_config: Optional[str]) -> Optional[str]:
+    """The validation split of a run's saved config (``CfgNode.dump()``), None where it does not say (a checkpoint
+    of another trainer, or of a schema without DATA.VAL_SPLIT)."""
+    saved = CfgNode.load_cfg(saved_config) if isinstance(saved_config, str) else CfgNode()
+    if 'VAL_SPLIT' not in saved.get('DATA', {}) or 'DATASET' not in saved.DATA:
+        return None
+    return split_name(saved, training=False)
+
+
 class Trainer:
     def __init__(self, config: CfgNode, distributed: Distributed):
         self.config = config
@@ -435,6 +444,12 @@ class Trainer:
         self._load_scaler(checkpoint.get('scaler') or {}, path)
         self.start_epoch = checkpoint['epoch'] + 1
         self.max_accuracy = checkpoint['max_accuracy']
+        saved_split = _validation_split(checkpoint.get('config'))
+        if saved_split not in (None, split_name(self.config, training=False)):
+            _logger.warning("%s scored its best on the validation split %r, this run validates on %r: the best "
+                            "checkpoint starts anew from this run's scores", path, saved_split,
+                            split_name(self.config, training=False))
+            self.max_accuracy = 0.0
         self.history = checkpoint.get('history', [])
         # the learning-rate schedule is this run's (built from its config), at the resumed step
         self.scheduler.step_update(self.start_epoch * self.steps_per_epoch)

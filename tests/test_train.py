@@ -717,6 +717,19 @@ def test_resume_with_ema_starts_the_ema_from_the_resumed_weights(one_epoch_run, 
 
 
 @pytest.mark.slow
+def test_resume_on_another_validation_split_starts_a_new_best(one_epoch_run, tmp_path):
+    """DATA.VAL_SPLIT may change on resume, but best.pth never compares accuracies measured on two splits: the
+    best starts anew, with a warning."""
+    log = continue_run(one_epoch_run, tmp_path / 'run', 'DATA.VAL_SPLIT', 'train')
+    assert "scored its best on the validation split 'val', this run validates on 'train': the best checkpoint " \
+           "starts anew from this run's scores" in log
+    latest = load_checkpoint_file(tmp_path / 'run' / 'latest.pth')
+    assert latest['epoch'] == 1 and latest['max_accuracy'] == latest['history'][-1]['acc1']  # epoch 2's, on 'train'
+
+    assert 'validation split' not in continue_run(one_epoch_run, tmp_path / 'same', 'DATA.VAL_SPLIT', 'val')
+
+
+@pytest.mark.slow
 def test_resume_with_another_batch_rebuilds_the_schedule(one_epoch_run, tmp_path):
     log = continue_run(one_epoch_run, tmp_path / 'run', 'DATA.BATCH_SIZE', '2')
     assert re.search(r'was trained with a global batch of 4, 3 steps per epoch; this run has 2, 6: the learning-rate '
