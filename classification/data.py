@@ -328,15 +328,18 @@ def _seed_of(*entropy: int) -> int:
 
 
 class _Skips(logging.Handler):
-    """Counts the warnings of timm's WebDataset reader in this process: it logs one for each sample it cannot
-    decode and each shard it cannot read, skips it and goes on."""
+    """Counts the samples that timm's WebDataset reader skips in this process: it logs one warning for each sample it
+    cannot decode and each shard it cannot read (its ``log_and_continue`` handler), skips it and goes on. Its other
+    warnings (a missing info file, say) skip nothing."""
+    SKIP_MESSAGE = 'Handling webdataset error'  # how log_and_continue's warning begins
 
     def __init__(self):
         super().__init__(logging.WARNING)
         self.count = 0
 
     def emit(self, record: logging.LogRecord):
-        self.count += 1
+        if record.getMessage().startswith(self.SKIP_MESSAGE):
+            self.count += 1
 
 
 _WEBDATASET_SKIPS = _Skips()

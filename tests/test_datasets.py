@@ -322,6 +322,21 @@ def test_corrupt_samples_in_shards_are_skipped_and_counted(corrupt_shards, worke
         assert caplog.text.count('Handling webdataset error (UnidentifiedImageError') == skipped + 3
 
 
+def test_only_the_webdataset_readers_skips_are_counted():
+    """timm's reader logs a warning per sample it skips (log_and_continue) and others that skip nothing (a missing
+    info file): only the first count."""
+    pytest.importorskip('webdataset', reason='webdataset is not installed (make setup-extras)')
+    from timm.data.readers import reader_wds
+
+    from classification.data import _WEBDATASET_SKIPS
+
+    before = _WEBDATASET_SKIPS.count
+    reader_wds._logger.warning('Dataset info file not found at [...]. Falling back to provided split and size arg.')
+    assert _WEBDATASET_SKIPS.count == before
+    assert reader_wds.log_and_continue(ValueError('a corrupt sample'))  # timm's own handler: skip and go on
+    assert _WEBDATASET_SKIPS.count == before + 1, 'timm changed the warning of log_and_continue (_Skips.SKIP_MESSAGE)'
+
+
 def shard_epochs(options: dict, epochs, *opts: str, transform=None) -> list:
     """The (label, image fingerprint) items of each of ``epochs``, from one loader built for them (persistent
     workers, as in a run), with the recipe's augmentation or ``transform``."""
