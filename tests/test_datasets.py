@@ -331,7 +331,8 @@ def test_only_the_webdataset_readers_skips_are_counted():
     from classification.data import _WEBDATASET_SKIPS
 
     before = _WEBDATASET_SKIPS.count
-    reader_wds._logger.warning('Dataset info file not found at [...]. Falling back to provided split and size arg.')
+    logging.getLogger(reader_wds.__name__).warning('Dataset info file not found at [...]. Falling back to provided '
+                                                   'split and size arg.')
     assert _WEBDATASET_SKIPS.count == before
     assert reader_wds.log_and_continue(ValueError('a corrupt sample'))  # timm's own handler: skip and go on
     assert _WEBDATASET_SKIPS.count == before + 1, 'timm changed the warning of log_and_continue (_Skips.SKIP_MESSAGE)'
