@@ -90,8 +90,9 @@ def cuda_extensions():
 
 ext_modules, cmdclass = cuda_extensions()
 
-# Ranges of what the code needs; requirements.txt pins the versions tested. torch.library's register_fake /
-# register_kernel / register_autograd (kernels/ops.py) came with torch 2.4 (torchvision 0.19); timm 1.0.9 has every
+# Ranges of what the code needs; requirements.txt pins the versions tested. torch 2.6 (torchvision 0.21) brought
+# torch.compiler.is_exporting (every FAT and LVT forward) and torch.nn.utils.get_total_norm (the trainer), after
+# torch.library's register_fake / register_kernel / register_autograd (kernels/ops.py, 2.4); timm 1.0.9 has every
 # timm API used here (feature_take_indices, ModelEmaV3, onnx_export's use_dynamo). The OpenMMLab stack and the
 # runtimes start at the versions tested: MMDetection 3.3 and MMSegmentation 1.2 take mmcv 2.0-2.1.
 setup(
@@ -106,7 +107,7 @@ setup(
     package_dir={DISTRIBUTION_PACKAGE: '.'},
     packages=[f'{DISTRIBUTION_PACKAGE}.{name}' for name in find_packages(include=[
         f'{package}{suffix}' for package in PROJECT_PACKAGES for suffix in ('', '.*')])],
-    install_requires=['torch>=2.4', 'torchvision>=0.19', 'timm>=1.0.9,<2', 'numpy', 'pillow', 'pyyaml',
+    install_requires=['torch>=2.6', 'torchvision>=0.21', 'timm>=1.0.9,<2', 'numpy', 'pillow', 'pyyaml',
                       'yacs>=0.1.8', 'safetensors', 'fvcore', 'tqdm', 'tensorboard'],
     extras_require={
         'detection': ['mmcv>=2.0,<2.2', 'mmengine>=0.10.7,<1', 'mmdet>=3.3,<4', 'pycocotools'],

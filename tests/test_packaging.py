@@ -65,7 +65,7 @@ def test_wheel_installs_one_top_level_name(wheel):
     metadata = wheel.read('fat_vit-0.1.0.dist-info/METADATA').decode()
     requirements = [line.split(': ', 1)[1].split(';')[0] for line in metadata.splitlines()
                     if line.startswith('Requires-Dist: ')]
-    assert 'torch>=2.4' in requirements and 'timm<2,>=1.0.9' in requirements
+    assert 'torch>=2.6' in requirements and 'timm<2,>=1.0.9' in requirements
     assert not any('==' in requirement for requirement in requirements)  # exact pins stay in requirements.txt
 
 
