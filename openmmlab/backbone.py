@@ -155,7 +155,7 @@ class PyramidBackbone(BaseModule):
             return
         path = self.init_cfg['checkpoint']
         try:
-            model_weights, norm_weights = self._split_checkpoint(load_from_local_restricted(path))
+            model_weights, norm_weights = self._split_checkpoint(load_from_local_restricted(path), path)
             load_weights(self.model, model_weights, head='drop', ignore_keys=self._pruned_keys, logger=logger,
                          name=path)
             self._load_norms(norm_weights)
@@ -174,14 +174,18 @@ class PyramidBackbone(BaseModule):
                            f'this backbone does not have (norm_cfg, out_indices): they are not used')
         self._is_init = True
 
-    def _split_checkpoint(self, checkpoint: Any) -> Tuple[Any, Dict[str, torch.Tensor]]:
+    def _split_checkpoint(self, checkpoint: Any, path: str) -> Tuple[Any, Dict[str, torch.Tensor]]:
         """The model's weights and the output norms' (``norm{i}.*``) of a checkpoint. A classification checkpoint is
-        returned whole as the model's, for the loader to pick its weights."""
+        returned whole as the model's, for the loader to pick its weights. A checkpoint of this wrapper has what it
+        records of itself checked (``_check_record``)."""
         state_dict = dense_prediction_backbone(checkpoint)
         if state_dict is None:
             state_dict = unwrap_state_dict(checkpoint)
             if not any(_WRAPPER_KEY.match(k) for k in state_dict):
                 return checkpoint, {}
+        state_dict = dict(state_dict)
+        if _PYRAMID_KEY in state_dict:
+            self._check_record(state_dict.pop(_PYRAMID_KEY), path)
         state_dict = self._rename_own_layout(state_dict)
         norm_weights = {k: v for k, v in state_dict.items() if _OUTPUT_NORM_KEY.match(k)}
         return {k: v for k, v in state_dict.items() if k not in norm_weights}, norm_weights
@@ -212,6 +216,9 @@ class PyramidBackbone(BaseModule):
         # the norm of the j-th returned feature was ``out_norms.j``
         return [(f'out_norms.{position}.', f'{name}.') for position, name in enumerate(self.norm_names)]
 
+    def _check_record(self, record: Any, path: str):
+        """Raise if what a checkpoint of this wrapper records of itself does not fit it."""
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for key in [k for k in state_dict if k.startswith(prefix)]:
             present = prefix + self._present_key(key[len(prefix):])
@@ -226,6 +233,10 @@ class PyramidBackbone(BaseModule):
         return tuple(features)
 
 
+# the buffer in which FATBackbone records its pyramid, and the codes it saves
+_PYRAMID_KEY = 'pyramid_code'
+_PYRAMID_CODES = {'stages': 1, 'dense': 2}
+_PYRAMID_OF_CODE = {code: pyramid for pyramid, code in _PYRAMID_CODES.items()}
 # the output norms' keys of this wrapper and of the FAT authors' segmentation backbone
 _OUTPUT_NORM_KEY = re.compile(r'^norm\d+\.')
 # the keys of a state dict of this wrapper, or of the FAT authors' segmentation backbone, that no model has
@@ -258,6 +269,7 @@ class FATBackbone(PyramidBackbone):
             raise BackboneConfigError(f"FATBackbone: pyramid must be one of {', '.join(PYRAMIDS)}, got {pyramid!r}")
         super().__init__(arch, out_indices, frozen_stages, norm_eval, drop_path_rate, norm_cfg, init_cfg,
                          model_kwargs=dict(pyramid=pyramid))
+        self.register_buffer(_PYRAMID_KEY, torch.tensor(_PYRAMID_CODES[pyramid]))
 
     def _frozen_modules(self) -> List[nn.Module]:
         if self.model.pyramid != 'dense':
@@ -274,6 +286,30 @@ class FATBackbone(PyramidBackbone):
     def _former_prefixes(self) -> List[Tuple[str, str]]:
         # detectors and segmentors saved before the wrapper served other models held it as ``backbone.fat``
         return super()._former_prefixes() + [('fat.', 'model.')]
+
+    # The pyramid is saved with the weights (a buffer, so that whatever walks a state dict finds tensors only): the
+    # two take their features at other places and the default changed (stage pyramid, then the authors' dense one),
+    # while MMEngine's load_from and --resume load non-strictly.
+
+    def _check_record(self, record: Any, path: str):
+        saved = _PYRAMID_OF_CODE.get(int(record)) if torch.is_tensor(record) and record.numel() == 1 else None
+        if saved != self.model.pyramid:
+            raise BackboneConfigError(
+                f"{path} holds a FAT backbone trained with pyramid={saved!r}; this config's has pyramid="
+                f"{self.model.pyramid!r}, whose features are taken elsewhere: set model.backbone.pyramid={saved!r} "
+                'to use it, or start from ImageNet weights')
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + _PYRAMID_KEY
+        if key in state_dict:
+            self._check_record(state_dict[key], 'the checkpoint')
+        else:
+            MMLogger.get_current_instance().warning(
+                'FATBackbone: the checkpoint records no pyramid (saved before it was recorded): its weights are '
+                f"loaded as pyramid={self.model.pyramid!r}, this config's; if it was trained with the other pyramid, "
+                'its features are taken elsewhere')
+            state_dict[key] = self.get_buffer(_PYRAMID_KEY).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class LVTBackbone(PyramidBackbone):

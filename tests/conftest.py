@@ -126,14 +126,16 @@ def assert_channels_last_autocast_trains(name: str, dtype: torch.dtype) -> None:
 
 @pytest.fixture(scope='session')
 def classification_trainer_checkpoint(tmp_path_factory) -> Path:
-    """A checkpoint written by ``python -m classification.train``: FAT-B0, one epoch on a tiny dataset."""
+    """A checkpoint written by the classification trainer (``python -m classification.train``'s ``run``, in this
+    process): FAT-B0, one epoch on a tiny dataset."""
+    from classification.train import parse_args, run
+
     root = tmp_path_factory.mktemp('classification_trainer')
     data = write_image_folder(root / 'data', 4, 1)
-    command = [sys.executable, '-m', 'classification.train', '--cfg', 'configs/classification/fat_b0.yaml',
-               '--data-path', str(data), '--output', str(root / 'output'), '--batch-size', '4',
-               '--opts', 'TRAIN.EPOCHS', '1', 'TRAIN.WARMUP_EPOCHS', '0', 'DATA.IMG_SIZE', '32',
-               'DATA.NUM_WORKERS', '0', 'MODEL.NUM_CLASSES', '3', 'SEED', str(TRAINING_SEED)]
-    run_ok(command)
+    run(parse_args(['--cfg', str(REPO_ROOT / 'configs' / 'classification' / 'fat_b0.yaml'), '--data-path', str(data),
+                    '--output', str(root / 'output'), '--batch-size', '4',
+                    '--opts', 'TRAIN.EPOCHS', '1', 'TRAIN.WARMUP_EPOCHS', '0', 'DATA.IMG_SIZE', '32',
+                    'DATA.NUM_WORKERS', '0', 'MODEL.NUM_CLASSES', '3', 'SEED', str(TRAINING_SEED)]))
     return root / 'output' / 'latest.pth'
 
 

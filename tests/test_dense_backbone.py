@@ -231,3 +231,36 @@ def test_frozen_stages_are_the_authors_stages():
     assert not any(m.training for module in frozen for m in module.modules())
     assert all(p.requires_grad for module in trainable for p in module.parameters())
     assert all(m.training for module in trainable for m in module.modules())
+
+
+def test_a_checkpoint_of_the_other_pyramid_is_refused_naming_both(tmp_path):
+    """The backbone saves its pyramid with its weights; MMEngine's load_from and --resume load non-strictly, so a
+    detector or segmentor of the other pyramid would otherwise resume silently with features taken elsewhere."""
+    from openmmlab.backbone import BackboneConfigError
+
+    stages = FATBackbone('fat_b0', pyramid='stages')
+    dense = FATBackbone('fat_b0')
+    message = "holds a FAT backbone trained with pyramid='stages'; this config's has pyramid='dense'"
+    with pytest.raises(BackboneConfigError, match=message):
+        dense.load_state_dict(stages.state_dict(), strict=False)
+    # the same checkpoint given as init_cfg, as a detector's weights
+    torch.save(dict(meta={}, state_dict={f'backbone.{k}': v for k, v in stages.state_dict().items()}
+                    | {'neck.conv.weight': torch.zeros(1)}), tmp_path / 'detector.pth')
+    initialised = FATBackbone('fat_b0', init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'detector.pth')))
+    with pytest.raises(BackboneConfigError, match=message):
+        initialised.init_weights()
+
+    same = FATBackbone('fat_b0')
+    same.load_state_dict(dense.state_dict())
+    for key, value in dense.state_dict().items():
+        torch.testing.assert_close(same.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_a_checkpoint_that_records_no_pyramid_loads_with_a_warning():
+    """Saved before the pyramid was recorded: loaded as this config's pyramid, strictly too, and the log says so."""
+    saved = FATBackbone('fat_b0').state_dict()
+    del saved['pyramid_code']
+    with mmengine_log() as log:
+        FATBackbone('fat_b0').load_state_dict(saved, strict=True)
+    assert any("records no pyramid (saved before it was recorded): its weights are loaded as pyramid='dense'" in line
+               for line in log), log
