@@ -14,6 +14,8 @@ from conftest import assert_channels_last_autocast_trains
 VARIANTS = model_names('fat')
 
 # b3_st, b4 and b5 were never released: their sizes are those stated for the inferred configurations
+# B3-ST, B4 and B5 were never released: their layouts are inferred from the paper (README, "Models"), which states
+# these parameter counts (M), within 3 % of the paper's Table 1 (29.0, 52.0, 88.0)
 INFERRED_PARAMS_M = {'fat_b3_st': 29.3, 'fat_b4': 51.7, 'fat_b5': 90.6}
 
 
@@ -64,8 +66,11 @@ def test_params_within_two_percent_of_paper(variant):
 
 
 @pytest.mark.parametrize('variant', sorted(INFERRED_PARAMS_M))
-def test_inferred_variants_have_stated_params(variant):
-    assert round(count_params(timm.create_model(variant)) / 1e6, 1) == INFERRED_PARAMS_M[variant]
+def test_inferred_variants_are_within_three_percent_of_the_paper(variant):
+    params_m = count_params(timm.create_model(variant)) / 1e6
+    paper = MODELS[variant].paper
+    assert abs(params_m - paper.params_m) / paper.params_m < 0.03
+    assert round(params_m, 1) == INFERRED_PARAMS_M[variant]  # the README's figure
 
 
 def test_fvcore_flops_match_authors_code_for_b0():

@@ -21,7 +21,7 @@ import timm
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS, AugmentOp
+from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS, AugmentOp, RandAugment
 from torch.utils.data import DistributedSampler
 
 from classification.checkpoint_io import load_checkpoint_file
@@ -94,9 +94,14 @@ def test_recipe_defaults():
     assert (config.TRAIN.BASE_LR, config.TRAIN.WARMUP_LR, config.TRAIN.MIN_LR) == (5e-4, 5e-7, 5e-6)
     assert (config.TRAIN.WEIGHT_DECAY, config.TRAIN.CLIP_GRAD, config.MODEL.LABEL_SMOOTHING) == (0.05, 5.0, 0.1)
     assert (config.AUG.MIXUP, config.AUG.CUTMIX, config.AUG.MIXUP_SWITCH_PROB) == (0.8, 1.0, 0.5)
-    train = repr(build_transform(config, is_training=True))
+    transform = build_transform(config, is_training=True)
+    train = repr(transform)
     assert 'RandomResizedCropAndInterpolation(size=(224, 224)' in train and 'bicubic' in train
-    assert 'rand-m9-mstd0.5-inc1' in train or "RandAugment(n=2, ops=" in train
+    # rand-m9-mstd0.5-inc1: 2 ops an image, uniformly from the increasing set, at magnitude 9 with std 0.5
+    randaugment, = [t for t in transform.transforms if isinstance(t, RandAugment)]
+    assert randaugment.num_layers == 2 and randaugment.choice_weights is None
+    assert [op.name for op in randaugment.ops] == list(_RAND_INCREASING_TRANSFORMS)
+    assert {(op.magnitude, op.magnitude_std, op.prob) for op in randaugment.ops} == {(9, 0.5, 0.5)}
     assert re.search(r'RandomErasing\(p=0.25, mode=pixel', train)
     # like the authors' (timm's) pipeline, colour jitter applies only when RandAugment is off
     assert 'ColorJitter' not in train
