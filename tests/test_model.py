@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 
@@ -132,9 +133,23 @@ def test_timm_model_interface():
 
 
 def test_batchnorm_inside_converts_to_syncbatchnorm():
-    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(timm.create_model('fat_b0'))
-    kinds = {type(m).__name__ for m in model.modules()}
-    assert 'SyncBatchNorm' in kinds and 'BatchNorm2d' not in kinds
+    """The trainer's conversion (DDP on GPUs) reaches every BatchNorm of FAT, and the converted model computes what
+    the model did: no norm is a subclass whose conversion would drop part of it (an activation fused in, say)."""
+    model = timm.create_model('fat_b0').eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):  # statistics and affine weights other than the identity
+                for tensor in (module.running_mean, module.running_var, module.weight, module.bias):
+                    tensor.copy_(torch.rand_like(tensor) + 0.5)
+    batch_norms = [name for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).eval()
+    assert batch_norms and [name for name, m in converted.named_modules()
+                            if isinstance(m, torch.nn.SyncBatchNorm)] == batch_norms
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, torch.nn.SyncBatchNorm)
+                   for m in converted.modules())
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(images), model(images), rtol=0, atol=0)
 
 
 def test_gradient_checkpointing_gives_same_gradients():
