@@ -91,12 +91,19 @@ def test_training_from_a_classification_checkpoint(trained_segmentor, classifica
 
 
 def test_training_resumes_from_the_runners_checkpoint(trained_segmentor):
-    """The Runner's checkpoint (optimizer, schedulers, logging state) loads through the restricted loader."""
+    """The Runner's checkpoint (optimizer, schedulers, logging state) loads through the restricted loader: the
+    second run goes on from iteration 30, its poly schedule decaying on from where the first left it (restarted, its
+    iteration 40 would have the rate of iteration 10), and AdamW's state counts the first run's steps."""
     assert f'resumed epoch: 0, iter: {OVERFIT_ITERS // 2}' in trained_segmentor['logs'][1]
-    second_run = read_json_lines(max(trained_segmentor['work_dir'].glob('*/vis_data/scalars.json')))
-    assert {40, 50, 60} <= {entry['iter'] for entry in second_run} and min(entry['iter'] for entry in second_run) > 30
-    assert all(math.isfinite(entry['loss']) for entry in second_run)
-    assert (trained_segmentor['work_dir'] / f'iter_{OVERFIT_ITERS}.pth').is_file()
+    work_dir = trained_segmentor['work_dir']
+    first_run, second_run = (read_json_lines(path) for path in sorted(work_dir.glob('*/vis_data/scalars.json')))
+    assert {10, 20, 30} <= {entry['iter'] for entry in first_run} and max(entry['iter'] for entry in first_run) == 30
+    assert [entry['iter'] for entry in second_run] == [40, 50, 60]
+    assert all(math.isfinite(entry['loss']) for entry in first_run + second_run)
+    rates = [entry['lr'] for entry in first_run + second_run]
+    assert all(earlier > later for earlier, later in zip(rates, rates[1:]))
+    optimizer = load_from_local_restricted(str(work_dir / f'iter_{OVERFIT_ITERS}.pth'))['optimizer']
+    assert {int(state['step']) for state in optimizer['state'].values()} == {OVERFIT_ITERS}
 
 
 def test_backbone_initialises_from_the_runners_checkpoint(trained_segmentor):
