@@ -822,9 +822,24 @@ def test_default_output_folder_is_per_model_and_config(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_checkpoints_are_bounded_and_linked(tmp_path):
+def test_checkpoints_are_bounded_and_linked(tmp_path, monkeypatch):
     """4 epochs keep the newest 2 periodic checkpoints; best and periodic files are links to latest.pth, not copies.
     Normalisation and random erasing on the device, validation at another batch size."""
+    from timm.data.random_erasing import RandomErasing
+
+    normalised, erased = [], []
+    normalise, erase = DeviceNormalize.__call__, RandomErasing.__call__
+
+    def recorded_normalise(self, images, training):
+        normalised.append((images.dtype, len(images), training))
+        return normalise(self, images, training)
+
+    def recorded_erase(self, images):
+        erased.append(images.dtype)
+        return erase(self, images)
+
+    monkeypatch.setattr(DeviceNormalize, '__call__', recorded_normalise)
+    monkeypatch.setattr(RandomErasing, '__call__', recorded_erase)
     data = write_image_folder(tmp_path / 'data', 4, 2)
     output = tmp_path / 'run'
     log = train_in_process(train_command(data, output, 'TRAIN.EPOCHS', '4', 'DATA.BATCH_SIZE', '4',
@@ -837,6 +852,12 @@ def test_checkpoints_are_bounded_and_linked(tmp_path):
     summary = json.loads((output / 'summary.json').read_text())
     assert best['best']['weights'] in ('model', 'ema') and best['best']['value'] == summary['max_accuracy']
     assert best['best']['epoch'] == best['epoch'] + 1
+    # every batch reached the device as uint8: 3 training batches of 4 an epoch, each erased there (float), and
+    # the 6 validation images in batches of 5 and 1
+    assert {dtype for dtype, _, _ in normalised} == {torch.uint8}
+    assert [size for _, size, training in normalised if training] == [4] * 12
+    assert erased == [torch.float32] * 12
+    assert {size for _, size, training in normalised if not training} == {5, 1}
 
 
 def test_normalisation_on_the_device_equals_the_workers():
