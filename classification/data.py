@@ -20,9 +20,10 @@ import multiprocessing
 import numbers
 import os
 import random
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import timm
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
@@ -346,6 +347,61 @@ _WEBDATASET_SKIPS = _Skips()
 logging.getLogger('timm.data.readers.reader_wds').addHandler(_WEBDATASET_SKIPS)
 
 
+class _WdsReader:
+    """timm's WebDataset reader (``timm.data.readers.reader_wds.ReaderWds``) through the parts of it that are not
+    its public interface, here and nowhere else: checked when a split is opened, so that a timm that changed them
+    stops with a message naming them rather than failing in a loader worker."""
+    INTERNALS = ('_lazy_init', 'worker_seed', 'global_worker_id', 'ds', 'split_info', 'dist_num_replicas',
+                 'num_samples')
+
+    def __init__(self, reader: Any, location: str):
+        missing = [name for name in self.INTERNALS if not hasattr(reader, name)]
+        if missing:
+            raise DatasetError(
+                f"{location}: timm {timm.__version__}'s WebDataset reader ({type(reader).__name__}) has no "
+                f"{', '.join(missing)}, which reading shards here relies on: install the timm of requirements.txt")
+        self._reader = reader
+
+    @property
+    def num_samples(self) -> int:
+        return self._reader.num_samples
+
+    @property
+    def shard_names(self) -> Sequence[str]:
+        """The split's shard files, relative to its folder (or URLs)."""
+        return self._reader.split_info.filenames
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shard_names)
+
+    @property
+    def num_replicas(self) -> int:
+        """The number of processes, as the reader sees torch.distributed."""
+        return self._reader.dist_num_replicas
+
+    @property
+    def reader_id(self) -> int:
+        """Which of all processes' loader workers this reader is (known once started)."""
+        return self._reader.global_worker_id
+
+    def start(self, *entropy: int):
+        """Build the reader's pipeline in this process (which learns which reader it is and deals it its shards);
+        with ``entropy``, rebuild it with its sample shuffle seeded from ``entropy`` and the reader."""
+        self._reader._lazy_init()
+        if entropy:
+            self._reader.worker_seed = _seed_of(*entropy, self.reader_id)
+            self._reader._lazy_init()
+
+    def __iter__(self):
+        """The shuffled ``(image, target)`` of a training reader."""
+        return iter(self._reader)
+
+    def samples(self) -> Iterator[Dict]:
+        """The decoded samples of this reader's shards, in order, each once."""
+        return iter(self._reader.ds)
+
+
 class _Shards(IterableDataset):
     """A split of WebDataset shards, read by timm's reader (``timm.data.create_dataset('wds/...')``), which deals
     the shards out to the readers: one per loader worker of each process (one per process without workers). Items
@@ -355,16 +411,16 @@ class _Shards(IterableDataset):
 
     def __init__(self, dataset: IterableDataset, location: str, num_classes: int, transform):
         self.dataset = dataset
-        self.reader = dataset.reader
+        self.reader = _WdsReader(dataset.reader, location)
         self.location = location
         self.num_classes = num_classes
         self.transform = transform
         self.num_samples = self.reader.num_samples
-        self.num_shards = len(self.reader.split_info.filenames)
+        self.num_shards = self.reader.num_shards
 
     def _label(self, target: Any, position: int) -> int:
         return _checked_label(target, self.num_classes,
-                              f'{self.location}: sample {position} of reader {self.reader.global_worker_id}')
+                              f'{self.location}: sample {position} of reader {self.reader.reader_id}')
 
 
 class TrainingShards(_Shards):
@@ -385,7 +441,7 @@ class TrainingShards(_Shards):
         self.seed = seed
         self.epoch = multiprocessing.Value('i', 0)  # shared with the loader's persistent workers
         dataset.set_loader_cfg(num_workers=num_workers)
-        world_size = self.reader.dist_num_replicas  # the reader's view of torch.distributed
+        world_size = self.reader.num_replicas
         self.num_readers = world_size * max(1, num_workers)
         if self.num_shards < self.num_readers:
             raise DatasetError(f'{location} has {self.num_shards} shards for {self.num_readers} readers ({world_size} '
@@ -412,14 +468,12 @@ class TrainingShards(_Shards):
         epoch, reader = self.epoch.value, self.reader
         # timm builds a reader's pipeline once per worker process, and its sample shuffle then draws on from one
         # generator epoch after epoch (so that a resumed run would see other orders): it is rebuilt each epoch, the
-        # shuffle seeded from (SEED, epoch, reader). The first call learns which reader this is.
-        reader._lazy_init()
-        reader.worker_seed = _seed_of(self.seed, epoch, reader.global_worker_id)
-        reader._lazy_init()
+        # shuffle seeded from (SEED, epoch, reader).
+        reader.start(self.seed, epoch)
         skipped = _WEBDATASET_SKIPS.count
         for position, (image, target) in enumerate(reader):
             label = self._label(target, position)
-            with seeded_random_state(self.seed, epoch, reader.global_worker_id, position):
+            with seeded_random_state(self.seed, epoch, reader.reader_id, position):
                 image = self.transform(image)
             corrupt, skipped = _WEBDATASET_SKIPS.count - skipped, _WEBDATASET_SKIPS.count
             yield image, label, corrupt
@@ -432,9 +486,9 @@ class ValidationShards(_Shards):
 
     def __iter__(self):
         reader = self.reader
-        reader._lazy_init()  # learns which reader this is, and deals it its shards
+        reader.start()
         skipped = _WEBDATASET_SKIPS.count
-        for position, sample in enumerate(reader.ds):
+        for position, sample in enumerate(reader.samples()):
             yield from [None] * (_WEBDATASET_SKIPS.count - skipped)
             skipped = _WEBDATASET_SKIPS.count
             yield self.transform(sample['image']), self._label(sample['target'], position), 0
@@ -563,7 +617,7 @@ def _wds_split(config: CfgNode, split: str, is_training: bool) -> Tuple[Dataset,
                                f'DATA.{"TRAIN" if is_training else "VAL"}_SPLIT')
     dataset = _timm_dataset(config.DATA.DATASET, location, root=root, split=split, is_training=is_training,
                             batch_size=config.DATA.BATCH_SIZE, seed=config.SEED)
-    shards = dataset.reader.split_info.filenames
+    shards = _WdsReader(dataset.reader, location).shard_names
     missing = [name for name in shards if '://' not in name and not name.startswith('pipe:') and
                not os.path.isfile(os.path.join(root, name))]
     if missing:

@@ -17,8 +17,8 @@ from PIL import Image
 
 from classification.checkpoint_io import load_checkpoint_file
 from classification.config import ConfigError, dataset_layout, load_config
-from classification.data import (CheckedImages, SeededSamples, ValidationShards, build_datasets, build_train_loader,
-                                 build_val_dataset, build_val_loader, seeded_random_state)
+from classification.data import (CheckedImages, DatasetError, SeededSamples, ValidationShards, build_datasets,
+                                 build_train_loader, build_val_dataset, build_val_loader, seeded_random_state)
 from classification.pack_dataset import PackError, pack
 from classification.pack_dataset import main as pack_main
 from classification.train import parse_args, run
@@ -336,6 +336,20 @@ def test_only_the_webdataset_readers_skips_are_counted():
     assert _WEBDATASET_SKIPS.count == before
     assert reader_wds.log_and_continue(ValueError('a corrupt sample'))  # timm's own handler: skip and go on
     assert _WEBDATASET_SKIPS.count == before + 1, 'timm changed the warning of log_and_continue (_Skips.SKIP_MESSAGE)'
+
+
+def test_a_timm_without_the_reader_internals_used_here_is_named(corrupt_shards, monkeypatch):
+    """What the shard datasets use of timm's WebDataset reader beyond its public interface is checked when a split is
+    opened: a timm that renamed one of them stops with one message naming it and the timm version."""
+    import timm
+    from timm.data.readers.reader_wds import ReaderWds
+
+    config = config_of({'DATA.DATA_PATH': str(corrupt_shards), 'DATA.DATASET': 'wds/x'})
+    build_datasets(config)  # the installed timm has them
+    monkeypatch.delattr(ReaderWds, '_lazy_init')
+    with pytest.raises(DatasetError, match=rf"timm {re.escape(timm.__version__)}'s WebDataset reader \(ReaderWds\) "
+                                           r'has no _lazy_init, which reading shards here relies on'):
+        build_datasets(config)
 
 
 def shard_epochs(options: dict, epochs, *opts: str, transform=None) -> list:
