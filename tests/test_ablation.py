@@ -26,7 +26,7 @@ def test_every_row_of_the_paper_is_a_registered_model_with_its_config():
     for name in ABLATION_MODELS:
         config = load_config(str(REPO_ROOT / f'configs/classification/ablation/{name}.yaml'))
         assert config.MODEL.NAME == name
-        assert config.OUTPUT == f'output/{name}/{name}'  # by default, each config file's runs have their folder
+        assert config.OUTPUT == f'output/{name}/ablation/{name}'  # by default a folder per config file
         config.defrost()
         config.MODEL.NAME, config.OUTPUT = 'fat_b0', fat_b0.OUTPUT
         assert config == fat_b0, f'{name}.yaml differs from fat_b0.yaml in more than the model'
