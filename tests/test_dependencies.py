@@ -20,6 +20,7 @@ def without(tmp_path: Path, package: str) -> dict:
 
 
 # the train and test commands of a task import the same package first: one of each task
+@pytest.mark.slow  # a process of its own
 @pytest.mark.parametrize('command, package, what', [('detection.train', 'mmdet', 'Detection'),
                                                     ('segmentation.test', 'mmseg', 'Segmentation')])
 def test_a_dense_command_without_its_stack_names_the_make_target(tmp_path, command, package, what):

@@ -274,6 +274,7 @@ def test_benchmark_times_each_runtime_in_its_own_block(tmp_path, capsys):
     assert 'latency openvino fat_b0 / authors fat_b0' in printed and 'openvino:' in printed
 
 
+@pytest.mark.slow
 def test_benchmark_tiny_run_writes_table_csv_and_json(tmp_path, capsys):
     benchmark.main(['--models', 'fat_b0', 'edgenext_x_small', '--warmup', '1', '--latency-rounds', '2',
                     '--throughput-batch-sizes', '2', '--throughput-warmup', '0', '--throughput-rounds', '1',

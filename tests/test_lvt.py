@@ -311,6 +311,7 @@ def test_token_label_loss_equals_lv_vits(with_score_maps, box):
     torch.testing.assert_close(loss((cls_logits, patch_logits, box), targets), expected, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow  # a process of its own
 def test_no_run_imports_tlt():
     code = 'import sys, classification.train; assert "tlt" not in sys.modules, "tlt was imported"'
     run_ok([sys.executable, '-c', code])

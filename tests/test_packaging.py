@@ -10,6 +10,8 @@ import pytest
 
 from conftest import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # each test builds or installs the wheel
+
 PROJECT_PACKAGES = ('classification', 'openmmlab', 'detection', 'segmentation', 'kernels')
 # pip run away from the checkout, whose folders (kernels/ above all) would otherwise shadow installed packages
 AWAY = dict(env={name: value for name, value in os.environ.items() if name != 'PYTHONPATH'}, capture_output=True,
@@ -69,7 +71,6 @@ def test_wheel_installs_one_top_level_name(wheel):
     assert not any('==' in requirement for requirement in requirements)  # exact pins stay in requirements.txt
 
 
-@pytest.mark.slow
 def test_installed_wheel_works_away_from_the_checkout_beside_huggingface_kernels(wheel, tmp_path):
     site = tmp_path / 'site'
     installed = subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '--quiet', '--target', str(site),
