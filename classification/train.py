@@ -444,11 +444,10 @@ class Trainer:
         self._load_scaler(checkpoint.get('scaler') or {}, path)
         self.start_epoch = checkpoint['epoch'] + 1
         self.max_accuracy = checkpoint['max_accuracy']
-        saved_split = _validation_split(checkpoint.get('config'))
-        if saved_split not in (None, split_name(self.config, training=False)):
+        saved_split, split = _validation_split(checkpoint.get('config')), split_name(self.config, training=False)
+        if saved_split not in (None, split):
             _logger.warning("%s scored its best on the validation split %r, this run validates on %r: the best "
-                            "checkpoint starts anew from this run's scores", path, saved_split,
-                            split_name(self.config, training=False))
+                            "checkpoint starts anew from this run's scores", path, saved_split, split)
             self.max_accuracy = 0.0
         self.history = checkpoint.get('history', [])
         # the learning-rate schedule is this run's (built from its config), at the resumed step

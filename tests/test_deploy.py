@@ -130,7 +130,7 @@ def test_exported_graphs_take_the_runtime_friendly_attention_and_overlap_add():
 
 # FAT-B0, an ablation model (its projection takes both branches) and LVT, whose graph depends on the input size, each
 # shallower than registered: every module type of the full model, in a graph that ExecuTorch lowers in a fraction of
-# the time (its lowering grows with the graph: FAT-B0 140 s, this FAT-B0 80 s on a 2-core CPU). The full FAT-B0 goes
+# the time (its lowering grows with the graph: FAT-B0 119 s, this FAT-B0 80 s on a 2-core CPU). The full FAT-B0 goes
 # through the export command's tests.
 EXPORTED_MODELS = {'fat_b0': dict(depths=(2, 2, 2, 1)), 'fat_b0_cat': dict(depths=(2, 2, 2, 1)),
                    'lvt_cls': dict(depths=(1, 1, 1, 1), num_class_blocks=1)}
