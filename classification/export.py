@@ -57,15 +57,6 @@ MAX_EXECUTORCH_SIZE_FACTOR = 2  # an ExecuTorch program takes heights and widths
 FORMATS = {'onnx': '.onnx', 'openvino': '.xml', 'executorch': '.pte'}  # the file each writes
 
 
-def is_exporting() -> bool:
-    """Whether ``torch.export`` is tracing the calling model: the models then take the forms of their operations that
-    deployment runtimes run well (False under TorchScript, which cannot ask)."""
-    if torch.jit.is_scripting():
-        return False
-    else:
-        return torch.compiler.is_exporting()
-
-
 class RuntimeMissing(RuntimeError):
     """The package of a runtime is not installed."""
 

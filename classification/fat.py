@@ -40,7 +40,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq, named_apply
 
 from .checkpoint_io import CheckpointError, check_state_dict_fits, load_weights, timm_overlay
-from .export import is_exporting
+from .graph_forms import tracing_for_deployment
 from .token_mixers import TOKEN_MIXERS
 
 __all__ = ['FAT', 'checkpoint_filter_fn']
@@ -177,8 +177,8 @@ def kv_downsample_layer(kind: str, dim: int, window_size: int) -> nn.Module:
 def channels_first_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Attention of queries, keys and values laid out (batch, heads, head_dim, tokens), as FASA's 1x1 convolutions
     give them, in that layout: the scores (batch, heads, keys, queries) are normalised over the keys and the values
-    multiply them from the left, so that no tensor of all the queries is transposed. What ``torch.export`` graphs of
-    FASA compute: OpenVINO and ExecuTorch run it faster than ``F.scaled_dot_product_attention`` over transposed
+    multiply them from the left, so that no tensor of all the queries is transposed. What FASA computes in a graph
+    recorded for deployment (``graph_forms``): OpenVINO and ExecuTorch run it faster than ``F.scaled_dot_product_attention`` over transposed
     tensors (ExecuTorch leaves parts of that one's decomposition to slow portable kernels). Equal to it up to float
     rounding."""
     scores = (k * k.shape[-2] ** -0.5).transpose(-1, -2) @ q
@@ -224,7 +224,7 @@ class FASA(nn.Module):
 
         kv = self.kv(self.kv_downsample(x)).reshape(batch, 2, self.num_heads, self.head_dim, -1)
         q = q.reshape(batch, self.num_heads, self.head_dim, height * width)
-        if is_exporting():
+        if tracing_for_deployment():
             k, v = kv.unbind(1)
             glob = channels_first_attention(q, k, v)
         else:

@@ -36,7 +36,7 @@ from timm.models._manipulate import checkpoint_seq, named_apply
 from timm.models.volo import ClassBlock, rand_bbox
 
 from .checkpoint_io import check_state_dict_fits, load_weights, timm_overlay
-from .export import is_exporting
+from .graph_forms import tracing_for_deployment
 
 __all__ = ['LVT', 'LVTCls', 'checkpoint_filter_fn']
 
@@ -95,7 +95,7 @@ class ConvolutionalSelfAttention(nn.Module):
     The k^2 x k^2 attention weights of a window come from its average-pooled input through a linear layer; the
     value at each of its k^2 positions is the input there through one C x C matrix per position (a grouped 1x1
     convolution over the unfolded windows). The weighted values are folded back, overlapping windows summed.
-    A graph exported by ``torch.export`` folds them back by a transposed convolution
+    A graph recorded for deployment (``graph_forms``) folds them back by a transposed convolution
     (``overlap_add_transposed_conv``), the form deployment runtimes run well.
     """
 
@@ -129,7 +129,7 @@ class ConvolutionalSelfAttention(nn.Module):
         values = self.weight(unfolded).reshape(batch, positions, self.num_heads, self.head_dim, rows * columns)
         values = values.permute(0, 2, 4, 1, 3)  # (B, heads, windows, k^2, head_dim)
         out = (attn @ values).permute(0, 1, 4, 3, 2).reshape(batch, dim, positions, rows, columns)
-        if is_exporting():
+        if tracing_for_deployment():
             out = overlap_add_transposed_conv(out, height, width, self.kernel_size, self.stride)
         else:
             out = overlap_add(out, height, width, self.kernel_size, self.stride)

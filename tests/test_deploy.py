@@ -113,8 +113,8 @@ def test_deploy_form_keeps_channels_last_and_features():
 
 
 def test_exported_graphs_take_the_runtime_friendly_attention_and_overlap_add():
-    """What torch.export traces: FASA's channels-first attention and CSA's overlap-add by transposed convolution,
-    equal to the eager paths to float rounding."""
+    """What torch.export and torch.jit.trace (the TorchScript ONNX exporter's tracer) record: FASA's channels-first
+    attention and CSA's overlap-add by transposed convolution, equal to the eager paths to float rounding."""
     q, k, v = torch.randn(2, 5, 16, 70), torch.randn(2, 5, 16, 9), torch.randn(2, 5, 16, 9)
     reference = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
     assert relative_error(fat.channels_first_attention(q, k, v), reference.transpose(-1, -2)) <= 1e-6
@@ -126,6 +126,12 @@ def test_exported_graphs_take_the_runtime_friendly_attention_and_overlap_add():
         program = export.trace(reparameterize_model(timm.create_model(name).eval()), 64, 'onnx', batch_size=1)
         graph = str(program.program.graph)
         assert present in graph and absent not in graph
+    for name, present, absent in (('fat_b0', 'aten::softmax', 'aten::scaled_dot_product_attention'),
+                                  ('lvt', 'aten::eye', 'aten::add_')):  # the one-hot kernel, no in-place additions
+        model = reparameterize_model(timm.create_model(name).eval())
+        with torch.no_grad():
+            kinds = {node.kind() for node in torch.jit.trace(model, torch.randn(1, 3, 64, 64)).inlined_graph.nodes()}
+        assert present in kinds and absent not in kinds
 
 
 # FAT-B0, an ablation model (its projection takes both branches) and LVT, whose graph depends on the input size, each
