@@ -12,15 +12,19 @@ The training split's samples are shuffled (from ``--seed``) before they are writ
 class each would leave the reader's shuffle buffer one class at a time. Shards named ``<split>-NNNNNN.tar`` are
 listed in ``_info.json`` under the split's name, ``val`` under ``validation`` (timm's and Hugging Face's name, the
 trainer's default for shards).
+
+Every file is written under a ``.partial`` name and moved into place once all of them are complete: a pack that fails
+leaves nothing behind, and one that is killed leaves only ``.partial`` files, which the next run overwrites.
 """
 import argparse
+import contextlib
 import io
 import json
 import os
 import random
 import sys
 import tarfile
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -35,6 +39,42 @@ _WDS_SPLIT_NAMES = {'val': 'validation'}
 
 class PackError(ValueError):
     """A source or destination that cannot be packed."""
+
+
+class _Staging:
+    """Where a pack writes its files: ``path(final)`` names the ``.partial`` file to write in place of ``final``."""
+
+    def __init__(self):
+        self.moves: List[Tuple[str, str]] = []
+
+    def path(self, final: str) -> str:
+        self.moves.append((final + '.partial', final))
+        return self.moves[-1][0]
+
+
+@contextlib.contextmanager
+def _staged() -> Iterator[_Staging]:
+    """Move every file staged in the block into place when it succeeds; remove them when it fails."""
+    staging = _Staging()
+    try:
+        yield staging
+    except BaseException:
+        for partial, _ in staging.moves:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(partial)
+        raise
+    for partial, final in staging.moves:
+        os.replace(partial, final)
+
+
+def _refuse_existing(paths: Sequence[str]):
+    for path in paths:
+        if os.path.exists(path):
+            raise PackError(f'{path} exists: pack into an empty folder')
+
+
+def shard_filenames(split: str, num_samples: int, shard_size: int) -> List[str]:
+    return [f'{split}-{index:06d}.tar' for index in range(-(-num_samples // shard_size))]
 
 
 def list_split(folder: str) -> Tuple[List[str], List[Tuple[str, int]]]:
@@ -74,7 +114,7 @@ def _image(path: str, formats: Sequence[str]) -> Tuple[str, bytes]:
 
 def pack_tar(classes: List[str], samples: List[Tuple[str, int]], path: str):
     """Write a split's ``samples`` (``list_split``'s) as the tar ``path`` of ``<class>/<image>`` members."""
-    with tarfile.open(path, 'x') as tar:
+    with tarfile.open(path, 'w') as tar:
         for image_path, label in samples:
             extension, data = _image(image_path, _TAR_EXTENSIONS)
             stem = os.path.splitext(os.path.basename(image_path))[0]
@@ -84,23 +124,20 @@ def pack_tar(classes: List[str], samples: List[Tuple[str, int]], path: str):
 
 
 def pack_shards(samples: List[Tuple[str, int]], destination: str, split: str, shard_size: int,
-                shuffle_seed: Optional[int]) -> Dict:
+                shuffle_seed: Optional[int], staging: _Staging) -> Dict:
     """Write a split's ``samples`` (``list_split``'s) as WebDataset shards ``<split>-NNNNNN.tar`` of ``shard_size``
-    samples (an image and its label, ``cls``) into ``destination``, shuffled from ``shuffle_seed`` unless it is None;
-    the split's entry in timm's ``_info.json``."""
+    samples (an image and its label, ``cls``) into ``destination`` (through ``staging``), shuffled from
+    ``shuffle_seed`` unless it is None; the split's entry in timm's ``_info.json``."""
     import webdataset
 
     samples = list(samples)
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(samples)
-    filenames, shard_lengths = [], []
-    for start in range(0, len(samples), shard_size):
+    filenames = shard_filenames(split, len(samples), shard_size)
+    shard_lengths = []
+    for start, filename in zip(range(0, len(samples), shard_size), filenames):
         shard = samples[start:start + shard_size]
-        filenames.append(f'{split}-{len(filenames):06d}.tar')
-        path = os.path.join(destination, filenames[-1])
-        if os.path.exists(path):
-            raise PackError(f'{path} exists: pack into an empty folder')
-        with webdataset.TarWriter(path) as writer:
+        with webdataset.TarWriter(staging.path(os.path.join(destination, filename))) as writer:
             for position, (image_path, label) in enumerate(shard, start):
                 extension, data = _image(image_path, tuple(_WDS_KEYS))
                 writer.write({'__key__': f'{split}-{position:08d}', _WDS_KEYS[extension]: data, 'cls': label})
@@ -125,23 +162,26 @@ def pack(source: str, destination: str, archive: str, splits: Sequence[str] = ('
     os.makedirs(destination, exist_ok=True)
     counts = {split: len(samples) for split, (_, samples) in listed.items()}
     if archive == 'tar':
-        for split in splits:
-            path = os.path.join(destination, f'{split}.tar')
-            if os.path.exists(path):
-                raise PackError(f'{path} exists: pack into an empty folder')
-            pack_tar(classes, listed[split][1], path)
+        paths = {split: os.path.join(destination, f'{split}.tar') for split in splits}
+        _refuse_existing(list(paths.values()))
+        with _staged() as staging:
+            for split in splits:
+                pack_tar(classes, listed[split][1], staging.path(paths[split]))
         return counts
+    names = {split: _WDS_SPLIT_NAMES.get(split, split) for split in splits}
+    _refuse_existing([os.path.join(destination, filename) for split in splits
+                      for filename in shard_filenames(names[split], counts[split], shard_size)])
     info_path = os.path.join(destination, '_info.json')
     info = dict(name=os.path.basename(os.path.abspath(destination)), splits={})
     if os.path.isfile(info_path):  # splits packed before, by another call
         with open(info_path) as f:
             info = json.load(f)
-    for split in splits:
-        name = _WDS_SPLIT_NAMES.get(split, split)
-        info['splits'][name] = pack_shards(listed[split][1], destination, name, shard_size,
-                                           seed if split == train_split else None)
-    with open(info_path, 'w') as f:
-        json.dump(info, f, indent=1)
+    with _staged() as staging:
+        for split in splits:
+            info['splits'][names[split]] = pack_shards(listed[split][1], destination, names[split], shard_size,
+                                                       seed if split == train_split else None, staging)
+        with open(staging.path(info_path), 'w') as f:  # moved last: it lists the shards, now in place
+            json.dump(info, f, indent=1)
     return counts
 
 

@@ -290,6 +290,38 @@ def test_pack_refuses_what_it_cannot_pack(tmp_path, capsys):
         pack_main([str(good), str(tmp_path / 'tars'), '--format', 'tar'])
 
 
+@pytest.mark.parametrize('archive', ['tar', 'wds'])
+def test_pack_that_fails_leaves_nothing_and_a_rerun_packs(archive, tmp_path, monkeypatch):
+    """A pack that fails half-way (the sixth image unreadable) leaves no partial tar, shard or _info.json, so that
+    the rerun packs instead of refusing; one that was killed left .partial files, which the rerun overwrites."""
+    pytest.importorskip('webdataset', reason='webdataset is not installed (make setup-extras)')
+    from classification import pack_dataset
+
+    data = write_image_folder(tmp_path / 'data', 4, 2)
+    destination = tmp_path / 'packed'
+    read_image, reads = pack_dataset._image, []
+
+    def failing_image(path, formats):
+        reads.append(path)
+        if len(reads) == 6:
+            raise OSError(f'{path}: input/output error')
+        return read_image(path, formats)
+
+    monkeypatch.setattr(pack_dataset, '_image', failing_image)
+    with pytest.raises(OSError, match='input/output error'):
+        pack(str(data), str(destination), archive, shard_size=2)
+    assert list(destination.iterdir()) == []
+    monkeypatch.undo()
+    (destination / ('train.tar.partial' if archive == 'tar' else 'train-000000.tar.partial')).write_bytes(b'killed')
+    assert pack(str(data), str(destination), archive, shard_size=2) == {'train': 12, 'val': 6}
+    written = sorted(path.name for path in destination.iterdir())
+    assert written == (['train.tar', 'val.tar'] if archive == 'tar' else
+                       ['_info.json'] + [f'train-{i:06d}.tar' for i in range(6)] +
+                       [f'validation-{i:06d}.tar' for i in range(3)])
+    config = config_of({'DATA.DATA_PATH': str(destination), 'DATA.DATASET': 'tar' if archive == 'tar' else 'wds/x'})
+    assert len(validation_items(build_datasets(config)[1])) == 6
+
+
 # ---- WebDataset shards: corrupt samples, epochs, order ----------------------------------------------------------
 
 
