@@ -105,8 +105,8 @@ _C.TEST.CROP_PCT = 0.875
 
 # 'auto': bf16 on GPUs that support it, else fp16 with a GradScaler; off on the CPU
 _C.AMP = 'auto'
-# where the run writes (and from where it resumes); '': output/<MODEL.NAME>/<config file name>, so that runs of
-# different models or config files never share a folder
+# where the run writes (and from where it resumes); '': output/<MODEL.NAME>/<config file's path> (_run_name), so
+# that runs of different models or config files never share a folder
 _C.OUTPUT = ''
 _C.SAVE_FREQ = 1
 _C.PRINT_FREQ = 10

@@ -9,10 +9,11 @@
     python -m classification.train --cfg ... --data-path ... --eval --resume CHECKPOINT
     python -m classification.train --cfg ... --throughput
 
-Everything the run writes goes to --output (by default output/<model>/<config file name>): ``log.txt``, the
+Everything the run writes goes to --output (by default output/<model>/<config file's path>): ``log.txt``, the
 resolved ``config.yaml``, TensorBoard events (x-axis: optimizer steps), ``summary.csv`` (a row per epoch),
 ``latest.pth``, ``best.pth``, ``ckpt_epoch_N.pth`` every SAVE_FREQ epochs (the newest TRAIN.KEEP_CHECKPOINTS kept)
-and ``summary.json``; ``--eval`` and ``--throughput`` write their own logs there, ``eval_log.txt`` and
+and ``summary.json`` (each epoch's figures, its last logged interval's among them, and the checkpoint the run
+resumed from); ``--eval`` and ``--throughput`` write their own logs there, ``eval_log.txt`` and
 ``throughput_log.txt``. Restarted with the same --output, a run resumes from ``latest.pth`` (TRAIN.AUTO_RESUME),
 unless its config differs in more than ``config.RESUMABLE_KEYS`` (``--allow-config-change`` overrides); a run
 already complete stops at once.
@@ -409,6 +410,7 @@ class Trainer:
         self.start_epoch = config.TRAIN.START_EPOCH
         self.max_accuracy = 0.0
         self.history = []
+        self.resumed_from = None
         self.writer = None
         if distributed.is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -443,6 +445,7 @@ class Trainer:
         self.optimizer.load_state_dict(checkpoint['optimizer'])
         self._load_scaler(checkpoint.get('scaler') or {}, path)
         self.start_epoch = checkpoint['epoch'] + 1
+        self.resumed_from = dict(checkpoint=path, epochs_done=self.start_epoch)
         self.max_accuracy = checkpoint['max_accuracy']
         saved_split, split = _validation_split(checkpoint.get('config')), split_name(self.config, training=False)
         if saved_split not in (None, split):
@@ -513,9 +516,9 @@ class Trainer:
                 interval.steps += 1
             progress.update()
             if (index + 1) % config.PRINT_FREQ == 0 or index + 1 == num_batches:
-                stats = self._report(interval, epoch, index + 1, num_batches, start, progress)
-                loss_sum += stats['loss_sum']
-                corrupt += stats['corrupt']
+                last_interval = self._report(interval, epoch, index + 1, num_batches, start, progress)
+                loss_sum += last_interval.pop('loss_sum')
+                corrupt += last_interval.pop('corrupt')
                 interval = _Interval(self.device, first_batch=index + 2)
         progress.close()
         if corrupt:
@@ -523,12 +526,13 @@ class Trainer:
         elapsed = time.perf_counter() - start
         images = num_batches * config.DATA.BATCH_SIZE * self.distributed.world_size
         return dict(loss=loss_sum / (num_batches * self.distributed.world_size), images_per_second=images / elapsed,
-                    seconds=elapsed, corrupt=int(corrupt))
+                    seconds=elapsed, corrupt=int(corrupt), last_interval=last_interval)
 
     def _report(self, interval: _Interval, epoch: int, batch: int, num_batches: int, epoch_start: float,
                 progress: tqdm) -> Dict[str, float]:
         """Read an interval's sums over all processes (the one wait for the device), stop if the loss was not
-        finite, and log the interval's averages."""
+        finite, and log the interval's averages; those averages, with the interval's loss sum and corrupt images
+        (``loss_sum``, ``corrupt``)."""
         world_size = self.distributed.world_size
         totals = torch.stack([interval.loss, interval.grad_norm,
                               torch.tensor(float(interval.corrupt), device=self.device)]).double()
@@ -564,7 +568,7 @@ class Trainer:
             step = epoch * self.steps_per_epoch + batch // self.config.TRAIN.ACCUMULATION_STEPS
             for name, value in stats.items():
                 self.writer.add_scalar(f'train/{name}', value, step)
-        return dict(loss_sum=loss_sum, corrupt=corrupt)
+        return dict(stats, loss_sum=loss_sum, corrupt=corrupt)
 
     def optimizer_step(self, global_step: int) -> torch.Tensor:
         """Clip (TRAIN.CLIP_GRAD), step, schedule and average; the gradient norm before clipping, on the device."""
@@ -636,7 +640,7 @@ class Trainer:
                     final=self.history[-1] if self.history else None, train_seconds_this_run=time.time() - started,
                     world_size=self.distributed.world_size,
                     global_batch=global_batch_size(config, self.distributed.world_size),
-                    history=self.history)
+                    resumed_from=self.resumed_from, history=self.history)
 
     def state(self, epoch: int) -> Dict:
         return dict(model=self.model.state_dict(), model_ema=self.ema.module.state_dict() if self.ema else None,

@@ -311,6 +311,11 @@ def test_two_process_ddp_with_corrupt_images_then_eval(tmp_path):
     # each process has 21 / 2 images, 2 batches of 4: one report per 2 batches, with the interval's averages
     assert len(re.findall(r'epoch 2/2 step 2/2  loss [\d.]+  lr [\d.e-]+  grad norm [\d.]+  [\d.]+ img/s  '
                           r'data [\d.]+ s  compute [\d.]+ s per batch', log)) == 1
+    # summary.json holds that last interval's averages (what make gpu-check reads), and no resumed checkpoint
+    last = summary['history'][-1]['last_interval']
+    assert f"epoch 2/2 step 2/2  loss {last['loss']:.4f}  lr {last['lr']:.3e}  grad norm {last['grad_norm']:.3f}  " \
+        f"{last['images_per_second']:.1f} img/s  data {last['data_seconds']:.3f} s" in log
+    assert summary['resumed_from'] is None
     assert {'latest.pth', 'best.pth', 'ckpt_epoch_1.pth', 'ckpt_epoch_2.pth', 'config.yaml', 'summary.csv'} <= \
         set(os.listdir(output))
     assert load_config(str(output / 'config.yaml')).DATA.BATCH_SIZE == 4
@@ -662,6 +667,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     reference = json.loads((tmp_path / 'uninterrupted' / 'summary.json').read_text())
     assert [entry['epoch'] for entry in summary['history']] == [1, 2]
     assert [e['train_loss'] for e in summary['history']] == [e['train_loss'] for e in reference['history']]
+    assert summary['resumed_from'] == dict(checkpoint=str(output / 'latest.pth'), epochs_done=1)
     assert [row['epoch'] for row in csv.DictReader((output / 'summary.csv').open())] == ['1', '2']
     resumed = load_checkpoint_file(output / 'latest.pth')
     uninterrupted = load_checkpoint_file(tmp_path / 'uninterrupted' / 'latest.pth')

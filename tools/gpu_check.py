@@ -648,11 +648,8 @@ def trainer_command(check: Check, model: str, output: Path, epochs: int, amp: st
             'TRAIN.EMA.ENABLED', 'True', 'AMP', check.amp(amp), 'PRINT_FREQ', steps_per_epoch, 'SAVE_FREQ', '1']
 
 
-_INTERVAL = re.compile(r'([\d.]+) img/s  data ([\d.]+) s  compute ([\d.]+) s per batch')
-
-
 def read_run(output: Path, epochs: int, processes: int) -> Dict:
-    """A finished run's figures, from its summary.json and log.txt, after checking that it trained every epoch."""
+    """A finished run's figures, from its summary.json, after checking that it trained every epoch."""
     if not (output / 'summary.json').exists():
         raise StepFailed(f'the run wrote no {output / "summary.json"}')
     summary = json.loads((output / 'summary.json').read_text())
@@ -669,17 +666,14 @@ def read_run(output: Path, epochs: int, processes: int) -> Dict:
         raise StepFailed(f"a training loss is not finite: {figures['train_loss']}", figures)
     if figures['ema_acc1'] is None:
         raise StepFailed('summary.json has no EMA accuracy (TRAIN.EMA.ENABLED)', figures)
-    lines = [line for line in (output / 'log.txt').read_text().splitlines() if _INTERVAL.search(line)]
-    if not lines:
-        raise StepFailed('log.txt has no line of training speed ("img/s  data ... s  compute ... s per batch")',
-                         figures)
-    images_per_second, data_seconds, compute_seconds = map(float, _INTERVAL.search(lines[-1]).groups())
-    figures['last_epoch_steps'] = dict(images_per_second=images_per_second, data_seconds_per_batch=data_seconds,
-                                    compute_seconds_per_batch=compute_seconds)
-    memory = [float(m) for line in lines for m in re.findall(r'peak memory ([\d.]+) GiB', line)]
+    intervals = [entry['last_interval'] for entry in history]
+    last = intervals[-1]
+    figures['last_epoch_steps'] = dict(images_per_second=last['images_per_second'],
+                                       data_seconds_per_batch=last['data_seconds'],
+                                       compute_seconds_per_batch=last['compute_seconds'])
+    memory = [interval['peak_memory_gib'] for interval in intervals if 'peak_memory_gib' in interval]
     figures['peak_memory_gib'] = max(memory) if memory else None
-    scales = re.findall(r'loss scale (\S+)', lines[-1])
-    figures['loss_scale'] = float(scales[-1]) if scales else None
+    figures['loss_scale'] = last.get('loss_scale')
     return figures
 
 
@@ -707,12 +701,13 @@ def step_trainer_bf16_resume(check: Check) -> Dict:
         raise StepFailed(f'the run ended (status {process.returncode}) before it could be killed after its first '
                          'checkpoint')
     kill_tree(process)
-    resumed = check.run(command, 'the resumed run')
-    done = re.search(r'resuming from .*: epoch (\d+) done', resumed)
-    if 'auto-resume' not in resumed or not done:
-        raise StepFailed('the second run did not resume from latest.pth')
+    check.run(command, 'the resumed run')
     figures = read_run(output, epochs, trainer_processes(check))
-    figures['resumed_after_epoch'] = int(done.group(1))
+    resumed_from = json.loads((output / 'summary.json').read_text())['resumed_from']
+    if not resumed_from or Path(resumed_from['checkpoint']).resolve() != (output / 'latest.pth').resolve():
+        raise StepFailed(f'the second run did not resume from {output / "latest.pth"} (summary.json: resumed_from '
+                         f'{resumed_from})', figures)
+    figures['resumed_after_epoch'] = resumed_from['epochs_done']
     return figures
 
 
