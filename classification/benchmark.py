@@ -268,7 +268,7 @@ def time_backend(backend: str, args: argparse.Namespace, models: Dict[str, torch
     input_sizes = {name: model.pretrained_cfg['input_size'][-1] for name, model in models.items()}
     if backend in RUNTIMES:
         batch_sizes = [1, *args.throughput_batch_sizes]
-        with tempfile.TemporaryDirectory(prefix=f'benchmark-{backend}-') as folder, export.kept_signal_stack():
+        with tempfile.TemporaryDirectory(prefix=f'benchmark-{backend}-') as folder:
             runners = runtime_models(models, backend, batch_sizes, args.threads, Path(folder), traces)
             time.sleep(1)  # let the threads of the exports' PyTorch calls go idle before timing
             timings = {}
@@ -278,7 +278,6 @@ def time_backend(backend: str, args: argparse.Namespace, models: Dict[str, torch
             for batch_size in args.throughput_batch_sizes:
                 timings[f'throughput_b{batch_size}'] = measure_runtime_interleaved(
                     runners[batch_size], batch_size, input_sizes, args.throughput_warmup, args.throughput_rounds)
-            del runners  # the runtimes' models are freed inside kept_signal_stack
         return timings
 
     authors = backend == 'authors'

@@ -37,7 +37,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import timm
@@ -95,11 +95,7 @@ def signal_stack() -> Optional[Tuple[Optional[int], int, int]]:
 
 @contextlib.contextmanager
 def kept_signal_stack() -> Iterator[None]:
-    """Restore the calling thread's alternate signal stack on exit. OpenVINO's CPU plugin (2026.4) installs stacks of
-    its own when it loads, compiles and frees models, and with two models alive it can leave a freed one installed:
-    the next signal that a handler takes on that stack kills the process without a trace (Python runs its handlers,
-    SIGINT's and the SIGCHLD handler of PyTorch's data loader among them, on the alternate stack). Compile and free
-    OpenVINO models inside this context."""
+    """Restore the calling thread's alternate signal stack on exit, however the block ends."""
     saved = signal_stack()
     try:
         yield
@@ -107,6 +103,34 @@ def kept_signal_stack() -> Iterator[None]:
         if saved is not None and signal_stack() != saved:
             address, flags, size = saved
             _sigaltstack(_SignalStack(address, flags & ~1, size))  # SS_ONSTACK is a state, not a setting
+
+
+class OpenVINOModel:
+    """A model compiled by OpenVINO's CPU plugin, as a function of a float32 NCHW array to its first output, that
+    leaves the thread's alternate signal stack as it found it when it is compiled and whenever it is freed.
+
+    The plugin (2026.4) installs a signal stack of its own with each compiled model and, when the model is freed
+    while that stack is installed, reinstalls the stack it found: a second model compiled over the first's stack
+    and freed after it reinstalls the first's freed stack, and the next signal that Python handles on it (Ctrl-C,
+    the SIGCHLD of PyTorch's data loader workers) kills the process without a trace. Each model restores the
+    thread's stack after its compile, so that every model finds the thread's own, and restores the stack of the
+    thread that releases it around its release (``__del__``: on whichever path and in whichever thread the last
+    reference goes, a traceback that kept it alive included), so that it holds whatever the plugin does on
+    release."""
+
+    def __init__(self, path: Path, config: Dict[str, object]):
+        import openvino
+
+        with kept_signal_stack():
+            self._compiled = openvino.Core().compile_model(str(path), 'CPU', config)
+            self._request = self._compiled.create_infer_request()
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self._request.infer([images])[0]
+
+    def __del__(self):
+        with kept_signal_stack():
+            self.__dict__.clear()
 
 
 def build_model(name: str, checkpoint: Optional[Path] = None, deploy: bool = True) -> torch.nn.Module:
@@ -240,8 +264,7 @@ def export(model: torch.nn.Module, output: Path, fmt: str, img_size: int = 224, 
 
 def load_runtime(path: Path, fmt: str, threads: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
     """The exported model at ``path`` in its runtime, as a function of a float32 NCHW array to the logits.
-    ``threads``: the runtime's CPU threads (its default if None). Load and release an OpenVINO model inside
-    ``kept_signal_stack()``."""
+    ``threads``: the runtime's CPU threads (its default if None)."""
     require(fmt)
     if fmt == 'onnx':
         import onnxruntime
@@ -254,14 +277,10 @@ def load_runtime(path: Path, fmt: str, threads: Optional[int] = None) -> Callabl
         name = session.get_inputs()[0].name
         return lambda images: session.run(None, {name: images})[0]
     if fmt == 'openvino':
-        import openvino
-
         config = {'INFERENCE_PRECISION_HINT': 'f32', 'PERFORMANCE_HINT': 'LATENCY'}
         if threads:
             config['INFERENCE_NUM_THREADS'] = threads
-        compiled = openvino.Core().compile_model(str(path), 'CPU', config)
-        request = compiled.create_infer_request()
-        return lambda images: request.infer([images])[0]
+        return OpenVINOModel(path, config)
     from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
     from executorch.runtime import Runtime
 
@@ -274,18 +293,16 @@ def load_runtime(path: Path, fmt: str, threads: Optional[int] = None) -> Callabl
 def verify(model: torch.nn.Module, path: Path, fmt: str, shapes: Sequence[Tuple[int, int, int, int]]) -> List[float]:
     """Relative error of the runtime's outputs against ``model``'s for a random input of each shape."""
     errors = []
-    with kept_signal_stack():
-        run = load_runtime(path, fmt)
-        for shape in shapes:
-            images = torch.randn(*shape)
-            with torch.no_grad():
-                expected = model(images)
-            actual = torch.from_numpy(np.asarray(run(images.numpy())))
-            if actual.shape != expected.shape:
-                raise RuntimeError(f'{fmt} gave logits of shape {tuple(actual.shape)} for input {shape}, '
-                                   f'PyTorch {tuple(expected.shape)}')
-            errors.append(((actual - expected).abs().max() / expected.abs().max()).item())
-        del run
+    run = load_runtime(path, fmt)
+    for shape in shapes:
+        images = torch.randn(*shape)
+        with torch.no_grad():
+            expected = model(images)
+        actual = torch.from_numpy(np.asarray(run(images.numpy())))
+        if actual.shape != expected.shape:
+            raise RuntimeError(f'{fmt} gave logits of shape {tuple(actual.shape)} for input {shape}, '
+                               f'PyTorch {tuple(expected.shape)}')
+        errors.append(((actual - expected).abs().max() / expected.abs().max()).item())
     return errors
 
 
