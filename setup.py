@@ -5,7 +5,10 @@ A checkout runs its folders as top-level packages (``python -m classification.tr
 ``fat_vit.classification``, ``fat_vit.openmmlab``, ``fat_vit.detection``, ``fat_vit.segmentation`` and
 ``fat_vit.kernels``, so that nothing generic lands on the user's path (``kernels`` is also Hugging Face's package):
 the build copies each module under ``fat_vit/`` and points its imports of the other packages there
-(``nest_imports``). An editable install cannot do that rewriting, so it is refused with directions.
+(``nest_imports``), writes ``fat_vit/__init__.py`` (the version; importing it registers the models with timm), and
+copies ``configs/`` to ``fat_vit/configs/`` with the OpenMMLab configs' ``custom_imports`` pointed there too
+(``nest_custom_imports``). The commands are entry points (``fat-train``, ``fat-det-train``, ...). An editable install
+cannot do that rewriting, so it is refused with directions.
 """
 import ast
 import os
@@ -18,8 +21,31 @@ from setuptools.command.develop import develop
 from setuptools.command.editable_wheel import editable_wheel
 
 ROOT = Path(__file__).parent
+VERSION = '0.1.0'
 DISTRIBUTION_PACKAGE = 'fat_vit'
 PROJECT_PACKAGES = ('classification', 'openmmlab', 'detection', 'segmentation', 'kernels')
+PACKAGE_INIT = f'''"""FAT and LVT: the models (registered with timm on import), their ImageNet trainer, exporter and benchmark, and
+their detection and segmentation backbones for MMDetection and MMSegmentation. Commands: fat-train, fat-eval,
+fat-export, fat-benchmark, fat-pack-dataset, fat-model-table, fat-trainer-benchmark, fat-det-train, fat-det-test,
+fat-seg-train, fat-seg-test; configs under fat_vit/configs/."""
+__version__ = {VERSION!r}
+
+from . import classification  # noqa: F401,E402  (registers the models with timm)
+'''
+# name: module:function, each command the README teaches
+ENTRY_POINTS = {
+    'fat-train': 'classification.train:main',
+    'fat-eval': 'classification.train:evaluate_main',
+    'fat-export': 'classification.export:main',
+    'fat-benchmark': 'classification.benchmark:main',
+    'fat-pack-dataset': 'classification.pack_dataset:main',
+    'fat-model-table': 'classification.model_table:main',
+    'fat-trainer-benchmark': 'classification.trainer_benchmark:main',
+    'fat-det-train': 'detection.train:main',
+    'fat-det-test': 'detection.test:main',
+    'fat-seg-train': 'segmentation.train:main',
+    'fat-seg-test': 'segmentation.test:main',
+}
 
 
 def nest_imports(source: str, filename: str) -> str:
@@ -43,14 +69,44 @@ def nest_imports(source: str, filename: str) -> str:
     return ''.join(lines)
 
 
+def nest_custom_imports(source: str, filename: str) -> str:
+    """An MMEngine config ``source`` with the project's packages in its ``custom_imports`` pointed into ``fat_vit``:
+    ``custom_imports = dict(imports=['detection'])`` becomes ``imports=['fat_vit.detection']``."""
+    lines = source.splitlines(keepends=True)
+    edits = []
+    for node in ast.parse(source, filename).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == 'custom_imports'
+                                                for t in node.targets):
+            for constant in ast.walk(node.value):
+                if isinstance(constant, ast.Constant) and isinstance(constant.value, str) and \
+                        constant.value.split('.')[0] in PROJECT_PACKAGES:
+                    edits.append((constant.lineno - 1, constant.col_offset + 1, f'{DISTRIBUTION_PACKAGE}.'))
+    for index, column, text in sorted(edits, reverse=True):
+        lines[index] = lines[index][:column] + text + lines[index][column:]
+    return ''.join(lines)
+
+
 class BuildPy(build_py):
-    """Copies the modules under ``fat_vit/`` with their imports of one another pointed there."""
+    """Copies the modules under ``fat_vit/`` with their imports of one another pointed there, writes
+    ``fat_vit/__init__.py`` and copies the configs to ``fat_vit/configs/``."""
 
     def build_module(self, module, module_file, package):
         outfile, copied = super().build_module(module, module_file, package)
         path = Path(outfile)
         path.write_text(nest_imports(path.read_text(), module_file))
         return outfile, copied
+
+    def run(self):
+        super().run()
+        package = Path(self.build_lib) / DISTRIBUTION_PACKAGE
+        (package / '__init__.py').write_text(PACKAGE_INIT)
+        for source in sorted((ROOT / 'configs').rglob('*')):
+            if source.suffix not in ('.py', '.yaml'):
+                continue
+            target = package / source.relative_to(ROOT)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            text = source.read_text()
+            target.write_text(nest_custom_imports(text, str(source)) if source.suffix == '.py' else text)
 
 
 class NoEditableInstall(editable_wheel):
@@ -97,7 +153,7 @@ ext_modules, cmdclass = cuda_extensions()
 # runtimes start at the versions tested: MMDetection 3.3 and MMSegmentation 1.2 take mmcv 2.0-2.1.
 setup(
     name='fat-vit',
-    version='0.1.0',
+    version=VERSION,
     description='FAT (Lightweight Vision Transformer with Bidirectional Interaction) and LVT (Lite Vision '
                 'Transformer): models, ImageNet training, COCO detection and ADE20K segmentation, deployment',
     long_description=(ROOT / 'README.md').read_text(),
@@ -116,6 +172,8 @@ setup(
         'data': ['webdataset>=1.0', 'datasets>=3'],
         'deploy': ['onnx>=1.23', 'onnxscript>=0.7', 'onnxruntime>=1.31', 'openvino>=2026.4', 'executorch>=1.5'],
     },
+    entry_points={'console_scripts': [f'{name} = {DISTRIBUTION_PACKAGE}.{target}'
+                                      for name, target in ENTRY_POINTS.items()]},
     ext_modules=ext_modules,
     cmdclass={**cmdclass, 'build_py': BuildPy, 'editable_wheel': NoEditableInstall, 'develop': NoDevelop},
 )

@@ -53,6 +53,7 @@ from timm.optim import create_optimizer_v2
 from timm.utils import reparameterize_model
 
 from . import export
+from .commands import program_name
 from .model_table import count_flops, count_params
 from .registry import MODELS, PEERS, compared_models, counterpart, published_top1
 
@@ -497,7 +498,7 @@ def plot_accuracy_against_throughput(result: Dict, path: Path):
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=program_name(__spec__.name), description=__doc__.splitlines()[0])
     parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
     parser.add_argument('--backend', nargs='+', choices=BACKENDS, default=['torch'], metavar='BACKEND',
                         help=f'where the models run, each timed in its own block: {", ".join(BACKENDS)} (default: '

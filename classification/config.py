@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 from yacs.config import CfgNode as CN
 
+from .commands import PACKAGED_CONFIGS
 from .registry import MODELS, model_names
 
 _C = CN()
@@ -177,7 +178,7 @@ def _describe(error: Exception) -> str:
     return str(error.args[0]) if error.args else repr(error)
 
 
-_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'classification')
+_CONFIG_DIR = str(PACKAGED_CONFIGS / 'classification')
 
 
 def _run_name(cfg_path: Optional[str]) -> str:

@@ -6,10 +6,11 @@ dataset readers and test tools (requirements-extras.txt); ``make setup-dense`` t
 (requirements-dense.txt) that detection and segmentation run on.
 """
 import importlib
+import os
 import sys
 from types import ModuleType
 
-__all__ = ['MissingDependency', 'require']
+__all__ = ['MissingDependency', 'refuse_second_copy', 'require']
 
 # what a stack's packages serve: (the make target that installs them in the checkout, the pip command for an
 # installed fat-vit)
@@ -29,9 +30,12 @@ class MissingDependency(ImportError):
 
 
 def _running_an_entry_point() -> bool:
-    """Whether this process was started as ``python -m`` one of the detection or segmentation commands (from the
-    checkout or installed under ``fat_vit``), whose packages import the stack while Python finds the command."""
+    """Whether this process was started as one of the detection or segmentation commands (``python -m``, from the
+    checkout or installed under ``fat_vit``, or an installed entry point), whose packages import the stack while
+    Python finds the command."""
     argv = getattr(sys, 'orig_argv', [])
+    if len(argv) > 1 and os.path.basename(argv[1]).startswith(('fat-det-', 'fat-seg-')):  # an installed entry point
+        return True
     if '-m' not in argv[:-1]:
         return False
     package = argv[argv.index('-m') + 1].rpartition('.')[0]
@@ -50,3 +54,13 @@ def require(module: str, stack: str, purpose: str) -> ModuleType:
         if _running_an_entry_point():
             raise SystemExit(f'error: {message}') from None
         raise MissingDependency(message, name=module) from error
+
+
+def refuse_second_copy(registry: str, name: str, registered_by: str, this_copy: str):
+    """Raise ImportError: ``name`` is in ``registry`` already, from the module ``registered_by``, where this
+    project's module ``this_copy`` would register it: two copies of the project (the checkout's packages and the
+    installed ``fat_vit``) in one process."""
+    where = getattr(sys.modules.get(registered_by), '__file__', None)
+    raise ImportError(f'{this_copy} would register {name} in {registry}, which has it already from {registered_by}'
+                      f'{f" ({where})" if where else ""}: two copies of this project in one process. Import one: '
+                      'the checkout\'s packages (classification, detection, segmentation) or the installed fat_vit.')

@@ -46,6 +46,7 @@ from timm.utils import reparameterize_model
 
 from . import dependencies
 from .checkpoint_io import CheckpointError, UnsafeCheckpointError, load_weights
+from .commands import program_name
 from .registry import model_names
 
 VERIFY_TOLERANCE = 1e-4
@@ -320,7 +321,7 @@ def verify_shapes(img_size: int, dynamic_size: bool) -> List[Tuple[int, int, int
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f'python -m {__spec__.name}', description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=program_name(__spec__.name), description=__doc__.splitlines()[0])
     names = model_names(ablations=True)
     parser.add_argument('--model', required=True, choices=names, metavar='NAME', help=f'one of {", ".join(names)}')
     parser.add_argument('--checkpoint', type=Path, help='weights to export (the authors\' or this project\'s)')

@@ -20,6 +20,7 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 
+from .commands import program_name
 from .registry import ABLATIONS, MODELS, model_names
 
 # The products of two activations (the attention matrix q k^T and its product with v), which the FAT paper's FLOPs
@@ -127,7 +128,7 @@ def format_lines(header: List[str], lines: List[List[str]], markdown: bool = Fal
 
 
 def main(argv: Optional[Sequence[str]] = None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=program_name(__spec__.name), description=__doc__.splitlines()[0])
     parser.add_argument('--variants', nargs='+', default=model_names(), choices=model_names(), metavar='NAME',
                         help=f'models to measure (default: all of {", ".join(model_names())})')
     parser.add_argument('--img-size', type=int, default=224, help='square input size (default: 224)')

@@ -29,6 +29,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from .commands import program_name
+
 # the image formats that timm's readers take as they are: the keys of WebDataset samples (timm's reader looks for
 # 'jpg', 'png', 'webp') and the extensions of tar members (timm's tar reader lists .jpg, .jpeg and .png)
 _WDS_KEYS = {'.jpg': 'jpg', '.jpeg': 'jpg', '.png': 'png', '.webp': 'webp'}
@@ -186,7 +188,7 @@ def pack(source: str, destination: str, archive: str, splits: Sequence[str] = ('
 
 
 def main(argv: Optional[Sequence[str]] = None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+    parser = argparse.ArgumentParser(prog=program_name(__spec__.name), description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('source', help='a folder with a folder of class folders per split (train/, val/)')
     parser.add_argument('destination', help='the folder to write the tars or shards into')

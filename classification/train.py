@@ -52,13 +52,14 @@ from yacs.config import CfgNode
 from .checkpoint_io import (CheckpointError, UnsafeCheckpointError, best_weights, higher_scoring, load_checkpoint_file,
                             load_weights, weight_entries)
 from .checkpointing import Checkpointer, is_trainer_checkpoint, set_rng_state
+from .commands import find_config, program_name
 from .config import ConfigError, config_changes, load_config, total_epochs
 from .data import (DatasetError, DeviceNormalize, build_datasets, build_train_loader, build_val_dataset,
                    build_val_loader, describe, split_name)
 from .synthetic_shapes import ensure_synthetic_shapes
 from .token_labelling import TokenLabelLoss
 
-_logger = logging.getLogger('classification.train')
+_logger = logging.getLogger(__spec__.name)  # classification.train, or fat_vit.classification.train installed
 
 THROUGHPUT_BATCH = 64
 LR_REFERENCE_BATCH = 512
@@ -110,9 +111,11 @@ class Distributed:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description='Train or evaluate FAT or LVT',
+    parser = argparse.ArgumentParser(prog=program_name(__spec__.name), description='Train or evaluate FAT or LVT',
                                      formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument('--cfg', required=True, metavar='FILE', help='yacs config file')
+    parser.add_argument('--cfg', required=True, metavar='FILE',
+                        help="yacs config file, or a packaged config's path under configs/\n"
+                             '(classification/fat_b0.yaml)')
     parser.add_argument('--data-path', help='the dataset (DATA.DATA_PATH): a folder with train/ and val/ class\n'
                                             'folders, or train.tar and val.tar, or WebDataset shards and _info.json')
     parser.add_argument('--dataset', metavar='NAME',
@@ -120,7 +123,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "'wds/<name>', 'hfds/<name or folder>'")
     parser.add_argument('--batch-size', type=int, help='images per process (DATA.BATCH_SIZE)')
     parser.add_argument('--output', help='folder for checkpoints and logs (OUTPUT; default '
-                                         'output/<model>/<config file name>)')
+                                         'output/<model>/<config file\'s path>)')
     parser.add_argument('--resume', metavar='CKPT', help='checkpoint to resume from or to evaluate (MODEL.RESUME)')
     parser.add_argument('--allow-config-change', action='store_true',
                         help='resume a run whose saved config differs from this one in more than where and how\n'
@@ -675,7 +678,7 @@ def measure_throughput(config: CfgNode, device: torch.device, amp_dtype: Optiona
 
 
 def run(args: argparse.Namespace) -> Optional[Dict]:
-    config = load_config(args.cfg, args.opts, **{
+    config = load_config(find_config(args.cfg), args.opts, **{
         'DATA.DATA_PATH': args.data_path, 'DATA.DATASET': args.dataset, 'DATA.BATCH_SIZE': args.batch_size,
         'OUTPUT': args.output, 'MODEL.RESUME': args.resume, 'TOKEN_LABEL.DATA': args.token_label_data,
         'EVAL_MODE': args.eval or None, 'THROUGHPUT_MODE': args.throughput or None})
@@ -773,6 +776,11 @@ def main(argv: Optional[Sequence[str]] = None):
             NonFiniteLossError) as error:
         # bad input (config, data, checkpoint) and a diverging run end with one line naming the problem
         sys.exit(f'error: {_message(error)}')
+
+
+def evaluate_main(argv: Optional[Sequence[str]] = None):
+    """``fat-eval``: the trainer's ``--eval``."""
+    main(['--eval', *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == '__main__':

@@ -20,14 +20,17 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from .commands import PACKAGED_CONFIGS, program_name
 from .synthetic_shapes import CLASSES, ensure_synthetic_shapes
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+# the folder that holds this code's top-level package (the checkout, or site-packages for fat_vit): the runs start
+# there, so that ``-m`` finds the trainer and nothing inside the package shadows another
+IMPORT_ROOT = Path(__file__).resolve().parents[len(__package__.split('.'))]
 _TIMM_RATE = re.compile(r'Train: (\d+) \[.*\]\s+Loss: .*\(\d+\.\d+s,\s+([\d.]+)/s\)')
 
 
 def our_command(args: argparse.Namespace, data: Path, output: Path) -> List[str]:
-    return [sys.executable, '-m', 'classification.train', '--cfg', str(REPO_ROOT / 'configs/classification/fat_b0.yaml'),
+    return [sys.executable, '-m', f'{__package__}.train', '--cfg', str(PACKAGED_CONFIGS / 'classification/fat_b0.yaml'),
             '--data-path', str(data), '--output', str(output), '--batch-size', str(args.batch_size), '--opts',
             'MODEL.NAME', args.model, 'MODEL.NUM_CLASSES', str(len(CLASSES)), 'DATA.IMG_SIZE', str(args.img_size),
             'DATA.NUM_WORKERS', str(args.workers), 'DATA.PIN_MEMORY', 'False', 'TRAIN.EPOCHS', str(args.epochs),
@@ -42,13 +45,13 @@ def timm_command(args: argparse.Namespace, data: Path, output: Path) -> List[str
                  '--mixup', '0.8', '--cutmix', '1.0', '--smoothing', '0.1', '--opt', 'adamw', '--weight-decay', '0.05',
                  '--clip-grad', '5.0', '--drop-path', '0.05', '--log-interval', '10', '--output', str(output)]
     # the script is not part of the timm package: run it with this repository's models registered
-    launcher = ('import runpy, sys, classification; sys.argv = ["train.py"] + sys.argv[1:]; '
+    launcher = (f'import runpy, sys, {__package__}; sys.argv = ["train.py"] + sys.argv[1:]; '
                 f'runpy.run_path({str(args.timm_train_script)!r}, run_name="__main__")')
     return [sys.executable, '-c', launcher, *arguments]
 
 
 def run(command: Sequence[str]) -> str:
-    result = subprocess.run(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    result = subprocess.run(command, cwd=IMPORT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if result.returncode:
         raise SystemExit(f'{command[:3]} failed:\n{result.stdout[-3000:]}')
     return result.stdout
@@ -84,7 +87,7 @@ def measure(args: argparse.Namespace) -> Dict:
 
 
 def main(argv: Optional[Sequence[str]] = None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=program_name(__spec__.name), description=__doc__.splitlines()[0])
     parser.add_argument('--timm-train-script', type=Path, required=True, help="timm's train.py")
     parser.add_argument('--model', default='fat_b0')
     parser.add_argument('--rounds', type=int, default=2, help='runs of each trainer, alternating (default: 2)')
@@ -99,7 +102,7 @@ def main(argv: Optional[Sequence[str]] = None):
         parser.error(f'--timm-train-script {args.timm_train_script}: no such file')
     if args.epochs < 2 or args.rounds < 1:
         parser.error('--epochs must be at least 2 (the first is warm-up) and --rounds at least 1')
-    args.timm_train_script = args.timm_train_script.resolve()
+    args.timm_train_script, args.output_dir = args.timm_train_script.resolve(), args.output_dir.resolve()
     result = measure(args)
     for index, entry in enumerate(result['rounds']):
         print(f"round {index + 1}: ours {entry['ours']:.1f} img/s, timm's train.py {entry['timm']:.1f} img/s, "

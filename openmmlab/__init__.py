@@ -5,7 +5,7 @@ checkpoints read by the restricted unpickler (``checkpoints``) and the train / t
 ``register(registry)`` puts the backbones into a model registry (MMDetection's or MMSegmentation's) and makes
 MMEngine read local checkpoints with the restricted loader.
 """
-from classification.dependencies import require
+from classification.dependencies import refuse_second_copy, require
 
 require('mmengine', 'openmmlab', 'Detection and segmentation')
 require('mmcv.ops', 'openmmlab', 'Detection and segmentation')
@@ -19,6 +19,13 @@ __all__ = ['register']
 
 
 def register(registry: Registry):
+    """Register the backbones in ``registry``; refused, naming both, where another copy of this project (the
+    checkout's packages beside the installed ``fat_vit``) registered them in this process first."""
     for name, backbone in BACKBONES.items():
-        registry.register_module(name, module=backbone)
+        registered = registry.module_dict.get(name)
+        if registered is None:
+            registry.register_module(name, module=backbone)
+        elif registered is not backbone:
+            refuse_second_copy(f'the {registry.scope} {registry.name} registry', name, registered.__module__,
+                               backbone.__module__)
     use_restricted_loading()

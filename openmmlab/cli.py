@@ -17,6 +17,7 @@ from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
 from classification.checkpoint_io import CheckpointError, UnsafeCheckpointError
+from classification.commands import find_config
 
 from .backbone import BACKBONES, BackboneConfigError
 
@@ -42,6 +43,7 @@ def _add_common_arguments(parser: argparse.ArgumentParser):
 def _load_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
+    args.config = find_config(args.config)
     if not osp.isfile(args.config):
         parser.error(f'config file not found: {args.config}')
     cfg = Config.fromfile(args.config)

@@ -1,6 +1,14 @@
 """Evaluate a FAT or LVT segmentor: ``python -m segmentation.test CONFIG CHECKPOINT [--work-dir DIR]
 [--cfg-options KEY=VALUE ...]`` reports mIoU; ``torchrun ... --launcher pytorch`` as for training."""
+from typing import Optional, Sequence
+
+from classification.commands import program_name
 from openmmlab.cli import test
 
+
+def main(argv: Optional[Sequence[str]] = None):
+    test(program_name(__spec__.name), 'Evaluate a FAT or LVT segmentor (MMSegmentation 1.x)', argv)
+
+
 if __name__ == '__main__':
-    test('python -m segmentation.test', 'Evaluate a FAT or LVT segmentor (MMSegmentation 1.x)')
+    main()

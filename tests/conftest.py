@@ -89,6 +89,54 @@ def write_image_folder(root: Path, train_per_class: int, val_per_class: int, cla
     return root
 
 
+TINY_COCO_SIZE = (128, 96)
+TINY_COCO_CATEGORIES = [{'id': 1, 'name': 'disc'}, {'id': 2, 'name': 'box'}]
+
+
+def _polygon(rng, category):
+    width, height = TINY_COCO_SIZE
+    radius = int(rng.integers(12, 24))
+    cx, cy = int(rng.integers(radius, width - radius)), int(rng.integers(radius, height - radius))
+    if category['name'] == 'disc':
+        angles = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+        return np.stack([cx + radius * np.cos(angles), cy + radius * np.sin(angles)], 1)
+    return np.array([[cx - radius, cy - radius * .7], [cx + radius, cy - radius * .7],
+                     [cx + radius, cy + radius * .7], [cx - radius, cy + radius * .7]])
+
+
+def write_tiny_coco(root: Path) -> Path:
+    """COCO layout in ``root``, 8 train and 4 val images of 128x96 with 1-2 discs and boxes each (boxes, polygon
+    masks), categories ``TINY_COCO_CATEGORIES``."""
+    import cv2  # OpenCV comes with the OpenMMLab stack
+
+    rng = np.random.default_rng(0)
+    width, height = TINY_COCO_SIZE
+    (root / 'annotations').mkdir(parents=True)
+    for split, count in (('train', 8), ('val', 4)):
+        (root / split).mkdir()
+        images, annotations = [], []
+        for image_id in range(1, count + 1):
+            image = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
+            for _ in range(rng.integers(1, 3)):
+                category = TINY_COCO_CATEGORIES[rng.integers(0, 2)]
+                polygon = _polygon(rng, category)
+                color = (40, 200, 240) if category['name'] == 'disc' else (220, 120, 30)
+                cv2.fillPoly(image, [polygon.round().astype(np.int32)], color)
+                (x0, y0), (x1, y1) = polygon.min(0), polygon.max(0)
+                x, y = polygon[:, 0], polygon[:, 1]
+                annotations.append(dict(
+                    id=len(annotations) + 1, image_id=image_id, category_id=category['id'], iscrowd=0,
+                    bbox=[float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                    area=float(abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) / 2),
+                    segmentation=[polygon.flatten().round(1).tolist()]))
+            file_name = f'{image_id:012d}.jpg'
+            cv2.imwrite(str(root / split / file_name), image)
+            images.append(dict(id=image_id, file_name=file_name, width=width, height=height))
+        (root / 'annotations' / f'instances_{split}.json').write_text(json.dumps(
+            dict(info={}, licenses=[], images=images, annotations=annotations, categories=TINY_COCO_CATEGORIES)))
+    return root
+
+
 def run_ok(command, timeout=600) -> subprocess.CompletedProcess:
     """Run a command from the repository's root; its result, after checking it succeeded."""
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)

@@ -111,6 +111,26 @@ def test_backbone_names_bad_arguments(arguments, message):
         FATBackbone(**dict(dict(arch=TINY_LAYOUT), **arguments))
 
 
+def test_a_second_copy_of_the_backbones_is_refused_naming_both():
+    """Registering the backbones again, from the same copy of this project, is harmless; another copy's classes
+    under the same names (the checkout's packages beside the installed fat_vit) are refused, naming both."""
+    from mmengine.registry import Registry
+
+    import openmmlab
+
+    registry = Registry('model', scope='tests')
+    openmmlab.register(registry)
+    openmmlab.register(registry)
+    assert registry.get('FAT') is FATBackbone
+    other_copy = type('FATBackbone', (FATBackbone,), {'__module__': 'fat_vit.openmmlab.backbone'})
+    other = Registry('model', scope='tests')
+    other.register_module('FAT', module=other_copy)
+    with pytest.raises(ImportError, match=r'openmmlab.backbone would register FAT in the tests model registry, which '
+                                          r'has it already from fat_vit.openmmlab.backbone: two copies of this '
+                                          r'project in one process'):
+        openmmlab.register(other)
+
+
 @pytest.mark.parametrize('payload', ['shell', 'getattr'])
 def test_runner_checkpoint_loader_refuses_code(tmp_path, payload):
     marker = tmp_path / 'payload_ran'

@@ -170,6 +170,25 @@ def test_malformed_config_files_are_one_line(tmp_path):
             f'error: {malformed}: a config file holds a mapping of keys (MODEL:, TRAIN:, ...), this one a {kind}')
 
 
+def test_a_config_not_found_here_is_taken_from_the_packaged_configs(tmp_path, monkeypatch, capsys):
+    """Run from another folder, a config given by its path under configs/ (with or without that prefix) is the
+    packaged one, and the command says so; a local file of that path wins; a path found nowhere is left for the
+    not-found error."""
+    from classification.commands import find_config
+
+    monkeypatch.chdir(tmp_path)
+    for given in ('configs/classification/fat_b0.yaml', 'classification/fat_b0.yaml'):
+        assert find_config(given) == B0_CONFIG
+        assert capsys.readouterr().err == f'{given} is not a file here: using the packaged config {B0_CONFIG}\n'
+    (tmp_path / 'classification').mkdir()
+    (tmp_path / 'classification' / 'fat_b0.yaml').write_text('MODEL:\n  NAME: fat_b1\n')
+    assert find_config('classification/fat_b0.yaml') == 'classification/fat_b0.yaml'
+    assert parse_args(['--cfg', 'classification/fat_b0.yaml']).cfg == 'classification/fat_b0.yaml'
+    assert find_config('classification/fat_b9.yaml') == 'classification/fat_b9.yaml'
+    assert capsys.readouterr().err == ''
+    assert 'config file not found: classification/fat_b9.yaml' in exit_message('--cfg', 'classification/fat_b9.yaml')
+
+
 def test_config_errors_name_the_key(tmp_path):
     assert 'TRAIN.EPOCH' in exit_message('--cfg', B0_CONFIG, '--opts', 'TRAIN.EPOCH', '2')
     assert 'DATA.IMG_SIZE' in exit_message('--cfg', B0_CONFIG, '--opts', 'DATA.IMG_SIZE', 'large')
