@@ -98,6 +98,20 @@ def test_training_resumes_from_the_runners_checkpoint(trained_segmentor):
     assert {int(state['step']) for state in optimizer['state'].values()} == {OVERFIT_ITERS}
 
 
+def test_training_logs_to_tensorboard(trained_segmentor):
+    """Each run writes TensorBoard events beside its JSON lines (the configs' TensorboardVisBackend): the same
+    losses and learning rates at the same iterations."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for scalars in sorted(trained_segmentor['work_dir'].glob('*/vis_data/scalars.json')):
+        logged = read_json_lines(scalars)
+        events = EventAccumulator(str(scalars.parent)).Reload()
+        for name in ('loss', 'lr'):
+            written = events.Scalars(name)
+            assert [event.step for event in written] == [entry['step'] for entry in logged]
+            assert [event.value for event in written] == pytest.approx([entry[name] for entry in logged], rel=1e-6)
+
+
 def test_backbone_initialises_from_the_runners_checkpoint(trained_segmentor):
     """A segmentor's checkpoint, as the Runner writes it (with its logging state), gives a backbone its weights,
     output norms included."""

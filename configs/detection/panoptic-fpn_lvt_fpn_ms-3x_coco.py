@@ -8,6 +8,8 @@
 #   file with --cfg-options model.backbone.init_cfg.checkpoint=PATH
 _base_ = 'mmdet::panoptic_fpn/panoptic-fpn_r50_fpn_ms-3x_coco.py'
 custom_imports = dict(imports=['detection'], allow_failed_imports=False)
+# logs to TensorBoard (vis_data/ of each run) beside MMEngine's JSON lines
+visualizer = dict(vis_backends=[dict(type='LocalVisBackend'), dict(type='TensorboardVisBackend')])
 
 model = dict(
     backbone=dict(

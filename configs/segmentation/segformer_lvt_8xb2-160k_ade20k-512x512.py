@@ -8,6 +8,8 @@
 #   file with --cfg-options model.backbone.init_cfg.checkpoint=PATH
 _base_ = 'mmseg::segformer/segformer_mit-b0_8xb2-160k_ade20k-512x512.py'
 custom_imports = dict(imports=['segmentation'], allow_failed_imports=False)
+# logs to TensorBoard (vis_data/ of each run) beside MMEngine's JSON lines
+visualizer = dict(vis_backends=[dict(type='LocalVisBackend'), dict(type='TensorboardVisBackend')])
 
 model = dict(
     backbone=dict(

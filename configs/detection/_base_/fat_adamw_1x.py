@@ -7,6 +7,8 @@ _base_ = [
     'mmdet::_base_/default_runtime.py',
 ]
 custom_imports = dict(imports=['detection'], allow_failed_imports=False)
+# logs to TensorBoard (vis_data/ of each run) beside MMEngine's JSON lines
+visualizer = dict(vis_backends=[dict(type='LocalVisBackend'), dict(type='TensorboardVisBackend')])
 
 optim_wrapper = dict(
     _delete_=True,

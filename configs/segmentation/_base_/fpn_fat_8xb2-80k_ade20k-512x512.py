@@ -13,6 +13,8 @@ _base_ = [
     'mmseg::_base_/schedules/schedule_80k.py',
 ]
 custom_imports = dict(imports=['segmentation'], allow_failed_imports=False)
+# logs to TensorBoard (vis_data/ of each run) beside MMEngine's JSON lines
+visualizer = dict(vis_backends=[dict(type='LocalVisBackend'), dict(type='TensorboardVisBackend')])
 
 crop_size = (512, 512)
 data_preprocessor = dict(size=crop_size)
