@@ -26,8 +26,8 @@ DISTRIBUTION_PACKAGE = 'fat_vit'
 PROJECT_PACKAGES = ('classification', 'openmmlab', 'detection', 'segmentation', 'kernels')
 PACKAGE_INIT = f'''"""FAT and LVT: the models (registered with timm on import), their ImageNet trainer, exporter and benchmark, and
 their detection and segmentation backbones for MMDetection and MMSegmentation. Commands: fat-train, fat-eval,
-fat-export, fat-benchmark, fat-pack-dataset, fat-model-table, fat-trainer-benchmark, fat-det-train, fat-det-test,
-fat-seg-train, fat-seg-test; configs under fat_vit/configs/."""
+fat-predict, fat-export, fat-benchmark, fat-pack-dataset, fat-model-table, fat-trainer-benchmark, fat-det-train,
+fat-det-test, fat-seg-train, fat-seg-test; configs under fat_vit/configs/."""
 __version__ = {VERSION!r}
 
 from . import classification  # noqa: F401,E402  (registers the models with timm)
@@ -36,6 +36,7 @@ from . import classification  # noqa: F401,E402  (registers the models with timm
 ENTRY_POINTS = {
     'fat-train': 'classification.train:main',
     'fat-eval': 'classification.train:evaluate_main',
+    'fat-predict': 'classification.predict:main',
     'fat-export': 'classification.export:main',
     'fat-benchmark': 'classification.benchmark:main',
     'fat-pack-dataset': 'classification.pack_dataset:main',
@@ -148,9 +149,14 @@ ext_modules, cmdclass = cuda_extensions()
 
 # Ranges of what the code needs; requirements.txt pins the versions tested. torch 2.6 (torchvision 0.21) brought
 # torch.compiler.is_exporting (every FAT and LVT forward) and torch.nn.utils.get_total_norm (the trainer), after
-# torch.library's register_fake / register_kernel / register_autograd (kernels/ops.py, 2.4); timm 1.0.9 has every
-# timm API used here (feature_take_indices, ModelEmaV3, onnx_export's use_dynamo). The OpenMMLab stack and the
-# runtimes start at the versions tested: MMDetection 3.3 and MMSegmentation 1.2 take mmcv 2.0-2.1.
+# torch.library's register_fake / register_kernel / register_autograd (kernels/ops.py, 2.4). timm 1.0.31: the suite
+# fails on each earlier release tried (1.0.16, 1.0.17, 1.0.25, 1.0.26, 1.0.28, 1.0.30). 1.0.31 brought
+# update_summary's writing summary.csv's header by itself and onnx_export's asking torch for the TorchScript exporter
+# (dynamo=False, no longer torch's default from 2.9); 1.0.26 a pretrained-file loader that unpickles weights only
+# (1.0.25 runs the code that a checkpoint given as pretrained_cfg_overlay carries); 1.0.17
+# timm.layers.register_notrace_module. Pillow 13 rejects posterize(bits=0), which timm's RandAugment of the recipe
+# (rand-...-inc1) produces. The OpenMMLab stack and the runtimes start at the versions tested: MMDetection 3.3 and
+# MMSegmentation 1.2 take mmcv 2.0-2.1.
 setup(
     name='fat-vit',
     version=VERSION,
@@ -163,7 +169,7 @@ setup(
     package_dir={DISTRIBUTION_PACKAGE: '.'},
     packages=[f'{DISTRIBUTION_PACKAGE}.{name}' for name in find_packages(include=[
         f'{package}{suffix}' for package in PROJECT_PACKAGES for suffix in ('', '.*')])],
-    install_requires=['torch>=2.6', 'torchvision>=0.21', 'timm>=1.0.9,<2', 'numpy', 'pillow', 'pyyaml',
+    install_requires=['torch>=2.6', 'torchvision>=0.21', 'timm>=1.0.31,<2', 'numpy', 'pillow<13', 'pyyaml',
                       'yacs>=0.1.8', 'safetensors', 'fvcore', 'tqdm', 'tensorboard'],
     extras_require={
         'detection': ['mmcv>=2.0,<2.2', 'mmengine>=0.10.7,<1', 'mmdet>=3.3,<4', 'pycocotools'],

@@ -373,6 +373,7 @@ class Trainer:
         self.prepare = BatchPreparation(config, self.device)
 
         train_set, val_set = prepare_datasets(config, distributed)
+        self.classes = train_set.classes  # the class names by label, saved for predictions (None for shards)
         self.train_loader, self.train_sampler = build_train_loader(config, train_set, distributed.world_size,
                                                                    distributed.rank)
         self.val_loader = build_val_loader(config, val_set, distributed.world_size, distributed.rank)
@@ -650,7 +651,7 @@ class Trainer:
                     optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), epoch=epoch,
                     max_accuracy=self.max_accuracy, history=self.history, config=self.config.dump(),
                     global_batch=global_batch_size(self.config, self.distributed.world_size),
-                    steps_per_epoch=self.steps_per_epoch)
+                    steps_per_epoch=self.steps_per_epoch, classes=self.classes)
 
 
 @torch.no_grad()

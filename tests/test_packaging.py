@@ -22,8 +22,8 @@ PROJECT_PACKAGES = ('classification', 'openmmlab', 'detection', 'segmentation', 
 SOURCES = (*PROJECT_PACKAGES, 'configs', 'setup.py', 'pyproject.toml', 'MANIFEST.in', 'README.md', 'LICENSE',
            'requirements.txt', 'requirements-extras.txt', 'requirements-dense.txt', 'requirements-nodeps.txt')
 # the commands the README teaches, as entry points
-COMMANDS = {'fat-train', 'fat-eval', 'fat-export', 'fat-benchmark', 'fat-pack-dataset', 'fat-model-table',
-            'fat-trainer-benchmark', 'fat-det-train', 'fat-det-test', 'fat-seg-train', 'fat-seg-test'}
+COMMANDS = {'fat-train', 'fat-eval', 'fat-predict', 'fat-export', 'fat-benchmark', 'fat-pack-dataset',
+            'fat-model-table', 'fat-trainer-benchmark', 'fat-det-train', 'fat-det-test', 'fat-seg-train', 'fat-seg-test'}
 # a process without the checkout: no PYTHONPATH (pip and the installed code run away from its folders, kernels/
 # above all, which would shadow installed packages)
 AWAY = {name: value for name, value in os.environ.items() if name != 'PYTHONPATH'}
@@ -124,7 +124,7 @@ def test_sdist_and_wheel_hold_everything_under_one_top_level_name(sdist, wheel):
     metadata = read('fat_vit-0.1.0.dist-info/METADATA')
     requirements = [line.split(': ', 1)[1].split(';')[0] for line in metadata.splitlines()
                     if line.startswith('Requires-Dist: ')]
-    assert 'torch>=2.6' in requirements and 'timm<2,>=1.0.9' in requirements
+    assert {'torch>=2.6', 'timm<2,>=1.0.31', 'pillow<13'} <= set(requirements)
     assert not any('==' in requirement for requirement in requirements)  # exact pins stay in requirements.txt
 
 

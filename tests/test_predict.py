@@ -1,0 +1,119 @@
+"""Prediction: the top classes of images with their probabilities, named by the classes the trainer recorded, from
+PyTorch or from an exported file in its runtime."""
+import csv
+import json
+
+import pytest
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import transforms
+
+from classification import export
+from classification.checkpoint_io import load_checkpoint_file
+from classification.predict import main
+
+CLASSES = ['bar', 'disc', 'noise']  # write_image_folder's class folders, sorted: the trainer's labels
+
+
+def expected_probabilities(checkpoint, files) -> torch.Tensor:
+    """The checkpoint's model on the images as its run evaluated them (32 pixels: resized to 32 / 0.875 = 36,
+    bicubic, centre-cropped, normalised with ImageNet's statistics), written out here with torchvision."""
+    preprocess = transforms.Compose([
+        transforms.Resize(36, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(32),
+        transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    model = export.build_model('fat_b0', checkpoint)
+    images = torch.stack([preprocess(Image.open(path).convert('RGB')) for path in files])
+    with torch.no_grad():
+        return model(images).softmax(dim=-1)
+
+
+def test_predictions_name_the_trained_classes_and_skip_what_is_not_an_image(classification_trainer_checkpoint,
+                                                                             tmp_path, capsys):
+    checkpoint = classification_trainer_checkpoint
+    assert load_checkpoint_file(checkpoint)['classes'] == CLASSES  # recorded by the trainer
+    val = checkpoint.parent.parent / 'data' / 'val'
+    broken = tmp_path / 'broken.png'
+    broken.write_bytes(b'\x89PNG\r\n\x1a\n not really an image')
+    output = tmp_path / 'predictions.json'
+    main([str(val), str(broken), str(tmp_path / 'missing.jpg'), '--model', 'fat_b0', '--checkpoint',
+          str(checkpoint), '--top-k', '2', '--batch-size', '2', '--output', str(output)])
+    printed = capsys.readouterr()
+    files = sorted(val.rglob('*.png'))
+    assert printed.err.splitlines() == [
+        f"skipped {broken}: UnidentifiedImageError: cannot identify image file '{broken}'",
+        f"skipped {tmp_path / 'missing.jpg'}: FileNotFoundError: [Errno 2] No such file or directory: "
+        f"'{tmp_path / 'missing.jpg'}'"]
+    predictions = json.loads(output.read_text())
+    assert [prediction['image'] for prediction in predictions] == [str(path) for path in files]
+    probabilities = expected_probabilities(checkpoint, files)
+    for prediction, expected in zip(predictions, probabilities):
+        values, indices = expected.topk(2)
+        assert [entry['index'] for entry in prediction['top']] == indices.tolist()
+        assert [entry['name'] for entry in prediction['top']] == [CLASSES[i] for i in indices.tolist()]
+        assert [entry['probability'] for entry in prediction['top']] == pytest.approx(values.tolist(), abs=1e-6)
+        top = prediction['top'][0]
+        assert f"{prediction['image']}: {top['name']} ({top['probability']:.1%}); " in printed.out
+    assert f'wrote 3 predictions to {output}' in printed.out
+
+
+def test_imagenet_classes_and_csv_without_a_checkpoint(tmp_path, capsys):
+    image = tmp_path / 'image.jpg'
+    Image.new('RGB', (300, 200), (200, 30, 30)).save(image)
+    output = tmp_path / 'predictions.csv'
+    main([str(image), '--model', 'fat_b0', '--top-k', '3', '--output', str(output)])
+    rows = list(csv.DictReader(output.open()))
+    assert [row['rank'] for row in rows] == ['1', '2', '3'] and {row['image'] for row in rows} == {str(image)}
+    from timm.data import ImageNetInfo
+
+    assert [row['name'] for row in rows] == [ImageNetInfo().index_to_description(int(row['index'])) for row in rows]
+    assert sorted((float(row['probability']) for row in rows), reverse=True) == [float(row['probability'])
+                                                                                 for row in rows]
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--model', 'fat_b9'], "argument --model: invalid choice: 'fat_b9'"),
+    (['--model', 'fat_b0', '--output', 'predictions.txt'], 'write a .csv or a .json file'),
+    (['--model', 'fat_b0', '--backend', 'tensorrt', 'model.engine'], 'the runtime is one of onnxruntime, openvino, '
+                                                                     "executorch, got 'tensorrt'"),
+    (['--model', 'fat_b0', '--backend', 'openvino', 'missing.xml'], '--backend: missing.xml not found'),
+])
+def test_bad_arguments_are_named(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_nothing_readable_is_an_error(tmp_path):
+    (tmp_path / 'broken.png').write_bytes(b'not an image')
+    with pytest.raises(SystemExit, match=r'error: no image could be read \(1 skipped\)'):
+        main([str(tmp_path), '--model', 'fat_b0'])
+
+
+@pytest.mark.slow
+def test_an_exported_model_predicts_what_pytorch_does(tmp_path):
+    pytest.importorskip('onnxruntime', reason='onnxruntime is not installed (make setup-extras)')
+    import timm
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / 'fat_b0_64px.pth'  # what the trainer saves, as far as prediction reads it
+    torch.save(dict(model=timm.create_model('fat_b0', num_classes=3).state_dict(), classes=CLASSES,
+                    config='DATA:\n  IMG_SIZE: 64\n'), checkpoint)
+    exported = tmp_path / 'fat_b0.onnx'
+    export.main(['--model', 'fat_b0', '--checkpoint', str(checkpoint), '--format', 'onnx', '--output', str(exported),
+                 '--img-size', '64'])
+    images = []
+    for index, color in enumerate([(250, 20, 20), (20, 250, 20), (20, 20, 250), (128, 128, 128)]):
+        images.append(tmp_path / f'{index}.png')
+        Image.new('RGB', (90, 70), color).save(images[-1])
+    outputs = {}
+    for name, backend in (('torch', []), ('onnx', ['--backend', 'onnxruntime', str(exported)])):
+        outputs[name] = tmp_path / f'{name}.json'
+        main([*map(str, images), '--model', 'fat_b0', '--checkpoint', str(checkpoint), '--top-k', '3', '--output',
+              str(outputs[name]), *backend])
+    torch_predictions, onnx_predictions = (json.loads(outputs[name].read_text()) for name in ('torch', 'onnx'))
+    assert len(torch_predictions) == len(onnx_predictions) == 4
+    for ours, theirs in zip(torch_predictions, onnx_predictions):
+        assert [entry['name'] for entry in ours['top']] == [entry['name'] for entry in theirs['top']]
+        assert [entry['probability'] for entry in ours['top']] == pytest.approx(
+            [entry['probability'] for entry in theirs['top']], abs=1e-5)
