@@ -26,8 +26,8 @@ DISTRIBUTION_PACKAGE = 'fat_vit'
 PROJECT_PACKAGES = ('classification', 'openmmlab', 'detection', 'segmentation', 'kernels')
 PACKAGE_INIT = f'''"""FAT and LVT: the models (registered with timm on import), their ImageNet trainer, exporter and benchmark, and
 their detection and segmentation backbones for MMDetection and MMSegmentation. Commands: fat-train, fat-eval,
-fat-predict, fat-export, fat-benchmark, fat-pack-dataset, fat-model-table, fat-trainer-benchmark, fat-det-train,
-fat-det-test, fat-seg-train, fat-seg-test; configs under fat_vit/configs/."""
+fat-predict, fat-publish, fat-export, fat-benchmark, fat-pack-dataset, fat-model-table, fat-trainer-benchmark,
+fat-det-train, fat-det-test, fat-seg-train, fat-seg-test; configs under fat_vit/configs/."""
 __version__ = {VERSION!r}
 
 from . import classification  # noqa: F401,E402  (registers the models with timm)
@@ -37,6 +37,7 @@ ENTRY_POINTS = {
     'fat-train': 'classification.train:main',
     'fat-eval': 'classification.train:evaluate_main',
     'fat-predict': 'classification.predict:main',
+    'fat-publish': 'classification.publish:main',
     'fat-export': 'classification.export:main',
     'fat-benchmark': 'classification.benchmark:main',
     'fat-pack-dataset': 'classification.pack_dataset:main',

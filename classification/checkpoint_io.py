@@ -19,6 +19,7 @@ weights, it takes those the checkpoint calls best (``best_weights``, the one pla
 which, and logs which it took.
 """
 import _compat_pickle
+import json
 import logging
 import os
 import pickle
@@ -104,10 +105,12 @@ def _to_plain(obj: Any) -> Any:
 
 def load_checkpoint_file(path: Union[str, os.PathLike], map_location: Any = 'cpu',
                          extra_globals: Optional[Mapping[Tuple[str, str], Any]] = None) -> Any:
-    """Read a checkpoint file (.pth / .pt / .bin or .safetensors) as tensors and plain data.
+    """Read a checkpoint file (.pth / .pt / .bin or .safetensors) as tensors and plain data, or a folder of weights
+    published the timm way (``classification.publish``: ``model.safetensors`` and ``config.json``) as
+    ``{'model': weights, 'classes': label names, 'pretrained_cfg': ..., 'architecture': ...}``.
 
     Args:
-        path: the file.
+        path: the file, or the folder.
         map_location: as for ``torch.load``.
         extra_globals: ``{(module, name): object}`` admitted in addition to tensors, containers and plain data;
             ``object`` is what the name resolves to while unpickling (a stand-in that checks its arguments, say).
@@ -118,6 +121,8 @@ def load_checkpoint_file(path: Union[str, os.PathLike], map_location: Any = 'cpu
         CheckpointError: the file is not a readable checkpoint.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        return _load_published_folder(path, map_location)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint not found: {path}')
     if path.endswith('.safetensors'):
@@ -135,6 +140,22 @@ def load_checkpoint_file(path: Union[str, os.PathLike], map_location: Any = 'cpu
         raise CheckpointError(f'{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error})') \
             from error
     return _to_plain(checkpoint)
+
+
+def _load_published_folder(path: str, map_location: Any) -> Dict[str, Any]:
+    files = {name: os.path.join(path, name) for name in ('config.json', 'model.safetensors')}
+    missing = [name for name, file in files.items() if not os.path.isfile(file)]
+    if missing:
+        raise FileNotFoundError(f'{path} is a folder without {" and ".join(missing)}: not weights published the '
+                                'timm way (python -m classification.publish writes them)')
+    try:
+        with open(files['config.json']) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f'{files["config.json"]} is not readable JSON: {error}') from None
+    return dict(model=load_checkpoint_file(files['model.safetensors'], map_location),
+                classes=config.get('label_names'), pretrained_cfg=config.get('pretrained_cfg', {}),
+                architecture=config.get('architecture'))
 
 
 MODEL_KEYS = ('model', 'state_dict')  # the trained weights: this trainer's and the FAT authors' / timm trainer's

@@ -324,7 +324,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=program_name(__spec__.name), description=__doc__.splitlines()[0])
     names = model_names(ablations=True)
     parser.add_argument('--model', required=True, choices=names, metavar='NAME', help=f'one of {", ".join(names)}')
-    parser.add_argument('--checkpoint', type=Path, help='weights to export (the authors\' or this project\'s)')
+    parser.add_argument('--checkpoint', type=Path, help='weights to export (the authors\' or this project\'s, or '
+                                                        'a folder of classification.publish)')
     parser.add_argument('--format', required=True, choices=tuple(FORMATS), dest='fmt')
     parser.add_argument('--output', type=Path, required=True,
                         help='the file to write: .onnx, .xml (OpenVINO; its .bin beside it) or .pte')
@@ -344,8 +345,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f'--output of --format {args.fmt} must end in {FORMATS[args.fmt]}, got {args.output}')
     if args.output.is_dir():
         parser.error(f'--output {args.output} is a directory')
-    if args.checkpoint is not None and not args.checkpoint.is_file():
-        parser.error(f'--checkpoint {args.checkpoint}: no such file')
+    if args.checkpoint is not None and not args.checkpoint.exists():
+        parser.error(f'--checkpoint {args.checkpoint}: no such file or folder')
     if args.img_size is None:
         args.img_size = timm.get_pretrained_cfg(args.model).input_size[-1]
     try:

@@ -3,10 +3,11 @@
     python -m classification.predict IMAGE_OR_FOLDER ... --model fat_b0 [--checkpoint CKPT] [--top-k 5]
         [--batch-size 32] [--output predictions.csv|.json] [--backend onnxruntime|openvino|executorch FILE]
 
-A folder is searched for images (recursively, sorted). The preprocessing is evaluation's (``data.build_transform``
-of the checkpoint's recorded image size, interpolation and crop, else of the defaults); the class names are those the
-trainer recorded in the checkpoint (its training split's class folders), else ImageNet's for 1000 classes, else the
-indices. ``--backend RUNTIME FILE`` runs a file of ``classification.export`` in its runtime through the same code
+A folder is searched for images (recursively, sorted). ``--checkpoint`` takes any checkpoint the project reads,
+or a folder of ``classification.publish``. The preprocessing is evaluation's (``data.build_transform`` of the
+checkpoint's recorded image size, interpolation and crop, else of the defaults); the class names are those the
+trainer recorded in the checkpoint (its training split's class folders; a published folder's label names), else
+ImageNet's for 1000 classes, else the indices. ``--backend RUNTIME FILE`` runs a file of ``classification.export`` in its runtime through the same code
 (``--checkpoint`` then only names the classes and the preprocessing). A file that is not a readable image is named
 in one line and left out; the others are still classified.
 """
@@ -45,11 +46,22 @@ def _recorded(config: Any, key: str) -> Any:
     return config
 
 
+def _published_preprocessing(pretrained_cfg: Dict) -> Dict[str, Any]:
+    """A published folder's ``pretrained_cfg`` (``classification.publish``) in the config's keys."""
+    return dict(DATA=dict(IMG_SIZE=pretrained_cfg.get('input_size', [None])[-1],
+                          INTERPOLATION=pretrained_cfg.get('interpolation')),
+                TEST=dict(CROP=True, CROP_PCT=pretrained_cfg.get('crop_pct')))
+
+
 def preprocessing(model_name: str, checkpoint: Optional[Dict]) -> Callable[[Image.Image], torch.Tensor]:
-    """Evaluation's transform of a PIL image (resize, centre crop, normalise), as the checkpoint's run evaluated."""
-    saved = checkpoint.get('config') if checkpoint else None
+    """Evaluation's transform of a PIL image (resize, centre crop, normalise), as the checkpoint's run evaluated
+    (its recorded config, or a published folder's ``pretrained_cfg``)."""
+    checkpoint = checkpoint or {}
+    saved = checkpoint.get('config')
     if isinstance(saved, str):
         saved = yaml.safe_load(saved)
+    elif checkpoint.get('pretrained_cfg'):
+        saved = _published_preprocessing(checkpoint['pretrained_cfg'])
     opts = ['MODEL.NAME', model_name, 'DATA.DEVICE_NORMALIZE', 'False']
     for key in PREPROCESSING_KEYS:
         value = _recorded(saved, key)
