@@ -26,8 +26,8 @@ DISTRIBUTION_PACKAGE = 'fat_vit'
 PROJECT_PACKAGES = ('classification', 'openmmlab', 'detection', 'segmentation', 'kernels')
 PACKAGE_INIT = f'''"""FAT and LVT: the models (registered with timm on import), their ImageNet trainer, exporter and benchmark, and
 their detection and segmentation backbones for MMDetection and MMSegmentation. Commands: fat-train, fat-eval,
-fat-predict, fat-publish, fat-export, fat-benchmark, fat-pack-dataset, fat-model-table, fat-trainer-benchmark,
-fat-det-train, fat-det-test, fat-seg-train, fat-seg-test; configs under fat_vit/configs/."""
+fat-predict, fat-publish, fat-visualize, fat-export, fat-benchmark, fat-pack-dataset, fat-model-table,
+fat-trainer-benchmark, fat-det-train, fat-det-test, fat-seg-train, fat-seg-test; configs under fat_vit/configs/."""
 __version__ = {VERSION!r}
 
 from . import classification  # noqa: F401,E402  (registers the models with timm)
@@ -38,6 +38,7 @@ ENTRY_POINTS = {
     'fat-eval': 'classification.train:evaluate_main',
     'fat-predict': 'classification.predict:main',
     'fat-publish': 'classification.publish:main',
+    'fat-visualize': 'classification.visualize:main',
     'fat-export': 'classification.export:main',
     'fat-benchmark': 'classification.benchmark:main',
     'fat-pack-dataset': 'classification.pack_dataset:main',
@@ -178,6 +179,8 @@ setup(
         # the readers of timm's dataset factory for WebDataset shards and Hugging Face datasets (README, Data layouts)
         'data': ['webdataset>=1.0', 'datasets>=3'],
         'deploy': ['onnx>=1.23', 'onnxscript>=0.7', 'onnxruntime>=1.31', 'openvino>=2026.4', 'executorch>=1.5'],
+        # the benchmark's plot and visualize's colour maps
+        'plots': ['matplotlib'],
     },
     entry_points={'console_scripts': [f'{name} = {DISTRIBUTION_PACKAGE}.{target}'
                                       for name, target in ENTRY_POINTS.items()]},

@@ -20,6 +20,7 @@ STACKS = {
     'openmmlab': ('make setup-dense', 'pip install "fat-vit[detection]" or "fat-vit[segmentation]"'),
     'deploy': ('make setup-extras', 'pip install "fat-vit[deploy]"'),
     'data': ('make setup-extras', 'pip install "fat-vit[data]"'),
+    'plots': ('make setup-extras', 'pip install "fat-vit[plots]"'),
 }
 # the packages whose command lines end with one line, not a traceback, when their stack is missing
 _ENTRY_POINT_PACKAGES = ('detection', 'segmentation')

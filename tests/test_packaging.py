@@ -22,9 +22,9 @@ PROJECT_PACKAGES = ('classification', 'openmmlab', 'detection', 'segmentation', 
 SOURCES = (*PROJECT_PACKAGES, 'configs', 'setup.py', 'pyproject.toml', 'MANIFEST.in', 'README.md', 'LICENSE',
            'requirements.txt', 'requirements-extras.txt', 'requirements-dense.txt', 'requirements-nodeps.txt')
 # the commands the README teaches, as entry points
-COMMANDS = {'fat-train', 'fat-eval', 'fat-predict', 'fat-publish', 'fat-export', 'fat-benchmark',
-            'fat-pack-dataset', 'fat-model-table', 'fat-trainer-benchmark', 'fat-det-train', 'fat-det-test',
-            'fat-seg-train', 'fat-seg-test'}
+COMMANDS = {'fat-train', 'fat-eval', 'fat-predict', 'fat-publish', 'fat-visualize', 'fat-export',
+            'fat-benchmark', 'fat-pack-dataset', 'fat-model-table', 'fat-trainer-benchmark', 'fat-det-train',
+            'fat-det-test', 'fat-seg-train', 'fat-seg-test'}
 # a process without the checkout: no PYTHONPATH (pip and the installed code run away from its folders, kernels/
 # above all, which would shadow installed packages)
 AWAY = {name: value for name, value in os.environ.items() if name != 'PYTHONPATH'}
