@@ -1,4 +1,5 @@
-"""What the command-line tools share: the name they were run by, and where a config named on them is found.
+"""What the command-line tools share: the name they were run by, where a config named on them is found, and their
+progress bars.
 
 The same code runs from a checkout (``python -m classification.train``) and installed (``fat-train``, or
 ``python -m fat_vit.classification.train``); the configs sit beside it in either case: the checkout's ``configs/``, or
@@ -7,8 +8,11 @@ The same code runs from a checkout (``python -m classification.train``) and inst
 import os
 import sys
 from pathlib import Path
+from typing import Iterable, Optional
 
-__all__ = ['PACKAGED_CONFIGS', 'find_config', 'program_name']
+from tqdm import tqdm
+
+__all__ = ['PACKAGED_CONFIGS', 'find_config', 'program_name', 'progress']
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parent.parent / 'configs'
 
@@ -34,3 +38,11 @@ def find_config(path: str) -> str:
         return path
     print(f'{path} is not a file here: using the packaged config {packaged}', file=sys.stderr)
     return str(packaged)
+
+
+def progress(iterable: Optional[Iterable] = None, total: Optional[int] = None, desc: str = '',
+             enabled: bool = True) -> tqdm:
+    """A progress bar with its rate and ETA where stdout is a terminal (and ``enabled``: the main process, say);
+    nothing where the output goes to a log file or a pipe, so that logs hold lines, not redrawn bars."""
+    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=False, file=sys.stdout,
+                disable=not (enabled and sys.stdout.isatty()))

@@ -46,7 +46,7 @@ from timm.utils import reparameterize_model
 
 from . import dependencies
 from .checkpoint_io import CheckpointError, UnsafeCheckpointError, load_weights
-from .commands import program_name
+from .commands import program_name, progress
 from .registry import model_names
 
 VERIFY_TOLERANCE = 1e-4
@@ -366,7 +366,12 @@ def main(argv: Optional[Sequence[str]] = None):
         model = build_model(args.model, args.checkpoint, deploy=not args.training_form)
     except (CheckpointError, UnsafeCheckpointError) as error:
         sys.exit(f'error: {error}')
-    dynamic_size = export(model, args.output, args.fmt, args.img_size, args.opset, args.exporter)
+    steps = progress(total=2 if args.no_verify else 3, desc=f'{args.fmt}: tracing')
+    traced = trace(model, args.img_size, args.fmt)
+    steps.update()
+    steps.set_description(f'{args.fmt}: ' + ('lowering to XNNPACK' if args.fmt == 'executorch' else 'converting'))
+    dynamic_size = export(model, args.output, args.fmt, args.img_size, args.opset, args.exporter, traced=traced)
+    steps.update()
     written = [args.output] + ([args.output.with_suffix('.bin')] if args.fmt == 'openvino' else [])
     details = f', opset {args.opset}, {args.exporter} exporter' if args.fmt == 'onnx' else ''
     print(f'wrote {" and ".join(map(str, written))} ({args.model}, {args.fmt}{details}, '
@@ -375,9 +380,12 @@ def main(argv: Optional[Sequence[str]] = None):
         print(f'note: the graph of {args.model} depends on the input size, so the export takes '
               f'{args.img_size}x{args.img_size} images only (any batch)')
     if args.no_verify:
+        steps.close()
         return
     shapes = verify_shapes(args.img_size, dynamic_size)
+    steps.set_description(f'{args.fmt}: checking against PyTorch')
     errors = verify(model, args.output, args.fmt, shapes)
+    steps.close()
     for shape, error in zip(shapes, errors):
         print(f'{args.fmt} vs PyTorch, input {shape}: relative error {error:.2e}')
     if max(errors) > VERIFY_TOLERANCE:

@@ -29,7 +29,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .commands import program_name
+from .commands import program_name, progress
 
 # the image formats that timm's readers take as they are: the keys of WebDataset samples (timm's reader looks for
 # 'jpg', 'png', 'webp') and the extensions of tar members (timm's tar reader lists .jpg, .jpeg and .png)
@@ -117,7 +117,7 @@ def _image(path: str, formats: Sequence[str]) -> Tuple[str, bytes]:
 def pack_tar(classes: List[str], samples: List[Tuple[str, int]], path: str):
     """Write a split's ``samples`` (``list_split``'s) as the tar ``path`` of ``<class>/<image>`` members."""
     with tarfile.open(path, 'w') as tar:
-        for image_path, label in samples:
+        for image_path, label in progress(samples, desc=os.path.basename(path).removesuffix('.partial')):
             extension, data = _image(image_path, _TAR_EXTENSIONS)
             stem = os.path.splitext(os.path.basename(image_path))[0]
             member = tarfile.TarInfo(f'{classes[label]}/{stem}{extension}')
@@ -137,13 +137,15 @@ def pack_shards(samples: List[Tuple[str, int]], destination: str, split: str, sh
         random.Random(shuffle_seed).shuffle(samples)
     filenames = shard_filenames(split, len(samples), shard_size)
     shard_lengths = []
-    for start, filename in zip(range(0, len(samples), shard_size), filenames):
-        shard = samples[start:start + shard_size]
-        with webdataset.TarWriter(staging.path(os.path.join(destination, filename))) as writer:
-            for position, (image_path, label) in enumerate(shard, start):
-                extension, data = _image(image_path, tuple(_WDS_KEYS))
-                writer.write({'__key__': f'{split}-{position:08d}', _WDS_KEYS[extension]: data, 'cls': label})
-        shard_lengths.append(len(shard))
+    with progress(total=len(samples), desc=f'{split} shards') as bar:
+        for start, filename in zip(range(0, len(samples), shard_size), filenames):
+            shard = samples[start:start + shard_size]
+            with webdataset.TarWriter(staging.path(os.path.join(destination, filename))) as writer:
+                for position, (image_path, label) in enumerate(shard, start):
+                    extension, data = _image(image_path, tuple(_WDS_KEYS))
+                    writer.write({'__key__': f'{split}-{position:08d}', _WDS_KEYS[extension]: data, 'cls': label})
+                    bar.update()
+            shard_lengths.append(len(shard))
     return dict(name=split, num_samples=len(samples), filenames=filenames, shard_lengths=shard_lengths)
 
 

@@ -52,7 +52,7 @@ from yacs.config import CfgNode
 from .checkpoint_io import (CheckpointError, UnsafeCheckpointError, best_weights, higher_scoring, load_checkpoint_file,
                             load_weights, weight_entries)
 from .checkpointing import Checkpointer, is_trainer_checkpoint, set_rng_state
-from .commands import find_config, program_name
+from .commands import find_config, program_name, progress
 from .config import ConfigError, config_changes, load_config, total_epochs
 from .data import (DatasetError, DeviceNormalize, build_datasets, build_train_loader, build_val_dataset,
                    build_val_loader, describe, split_name)
@@ -264,7 +264,7 @@ def evaluate(model: nn.Module, loader, distributed: Distributed, amp_dtype: Opti
              prepare: BatchPreparation) -> Dict[str, float]:
     model.eval()
     correct1 = correct5 = count = loss_sum = corrupt = 0
-    for images, targets, num_corrupt in loader:
+    for images, targets, num_corrupt in progress(loader, desc='evaluating', enabled=distributed.is_main):
         corrupt += num_corrupt
         if not len(images):
             continue
@@ -495,8 +495,7 @@ class Trainer:
         num_batches = self.steps_per_epoch * accumulation
         loss_sum = corrupt = 0.
         start = time.perf_counter()
-        progress = tqdm(total=num_batches, desc=f'epoch {epoch + 1}/{self.epochs}', dynamic_ncols=True,
-                        disable=not (self.distributed.is_main and sys.stdout.isatty()), file=sys.stdout)
+        bar = progress(total=num_batches, desc=f'epoch {epoch + 1}/{self.epochs}', enabled=self.distributed.is_main)
         interval = _Interval(self.device, first_batch=1)
         batches = iter(self.train_loader)
         for index in range(num_batches):
@@ -518,13 +517,13 @@ class Trainer:
             if stepping:
                 interval.grad_norm += self.optimizer_step(epoch * self.steps_per_epoch + (index + 1) // accumulation)
                 interval.steps += 1
-            progress.update()
+            bar.update()
             if (index + 1) % config.PRINT_FREQ == 0 or index + 1 == num_batches:
-                last_interval = self._report(interval, epoch, index + 1, num_batches, start, progress)
+                last_interval = self._report(interval, epoch, index + 1, num_batches, start, bar)
                 loss_sum += last_interval.pop('loss_sum')
                 corrupt += last_interval.pop('corrupt')
                 interval = _Interval(self.device, first_batch=index + 2)
-        progress.close()
+        bar.close()
         if corrupt:
             _logger.warning('epoch %d: %d corrupt image(s) skipped', epoch + 1, corrupt)
         elapsed = time.perf_counter() - start
@@ -533,7 +532,7 @@ class Trainer:
                     seconds=elapsed, corrupt=int(corrupt), last_interval=last_interval)
 
     def _report(self, interval: _Interval, epoch: int, batch: int, num_batches: int, epoch_start: float,
-                progress: tqdm) -> Dict[str, float]:
+                bar: tqdm) -> Dict[str, float]:
         """Read an interval's sums over all processes (the one wait for the device), stop if the loss was not
         finite, and log the interval's averages; those averages, with the interval's loss sum and corrupt images
         (``loss_sum``, ``corrupt``)."""
@@ -566,7 +565,7 @@ class Trainer:
                      f"  loss scale {stats['loss_scale']:g}" if 'loss_scale' in stats else '',
                      f"  peak memory {stats['peak_memory_gib']:.2f} GiB" if 'peak_memory_gib' in stats else '',
                      datetime.timedelta(seconds=int(eta)))
-        progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}",
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}",
                              img_s=f"{stats['images_per_second']:.1f}")
         if self.writer is not None:
             step = epoch * self.steps_per_epoch + batch // self.config.TRAIN.ACCUMULATION_STEPS

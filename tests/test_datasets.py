@@ -3,11 +3,13 @@ WebDataset shards and a (local) Hugging Face dataset hold the same images and gi
 errors; WebDataset shards are dealt out to the readers (processes x loader workers) by timm's reader, each epoch
 the same count per reader, in an order fixed by the seed, the epoch and the number of readers."""
 import hashlib
+import io
 import json
 import logging
 import math
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -320,6 +322,25 @@ def test_pack_that_fails_leaves_nothing_and_a_rerun_packs(archive, tmp_path, mon
                        [f'validation-{i:06d}.tar' for i in range(3)])
     config = config_of({'DATA.DATA_PATH': str(destination), 'DATA.DATASET': 'tar' if archive == 'tar' else 'wds/x'})
     assert len(validation_items(build_datasets(config)[1])) == 6
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize('archive', ['tar', 'wds'])
+def test_pack_shows_progress_on_a_terminal_only(archive, tmp_path, monkeypatch, capsys):
+    pytest.importorskip('webdataset', reason='webdataset is not installed (make setup-extras)')
+    data = write_image_folder(tmp_path / 'data', 4, 2)
+    pack_main([str(data), str(tmp_path / 'piped'), '--format', archive])
+    assert capsys.readouterr().out == f'{tmp_path / "piped"}: train 12 images, val 6 images\n'  # a log: no bar
+    terminal = Terminal()
+    monkeypatch.setattr(sys, 'stdout', terminal)
+    pack_main([str(data), str(tmp_path / 'shown'), '--format', archive, '--shard-size', '4'])
+    shown = terminal.getvalue()
+    bar = 'train.tar' if archive == 'tar' else 'train shards'
+    assert re.search(rf'\r{bar}: +0%\|\s*\| 0/12 \[00:00<\?, \?it/s\]', shown), shown  # count, ETA and rate
 
 
 # ---- WebDataset shards: corrupt samples, epochs, order ----------------------------------------------------------

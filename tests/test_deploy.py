@@ -1,6 +1,8 @@
 """The inference (deploy) form reached through timm.utils.reparameterize_model, the exporter (ONNX, OpenVINO,
 ExecuTorch), the benchmark."""
+import io
 import json
+import re
 import statistics
 import sys
 
@@ -200,12 +202,21 @@ def test_export_command_to_a_new_folder_twice(tmp_path, capsys):
     assert export.signal_stack() == signal_stack  # OpenVINO's left none of its own (OpenVINOModel)
 
 
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
 @pytest.mark.slow
-def test_export_command_with_the_torchscript_onnx_exporter(tmp_path, capsys):
+def test_export_command_with_the_torchscript_onnx_exporter(tmp_path, monkeypatch):
+    """On a terminal, the command shows which of its steps it is in (a bar of its 3 steps, with the elapsed time)."""
     skip_without_runtime('onnx')
+    monkeypatch.setattr(sys, 'stdout', Terminal())
     export.main(['--model', 'fat_b0', '--format', 'onnx', '--output', str(tmp_path / 'fat_b0.onnx'),
                  '--exporter', 'torchscript', '--opset', '17', '--img-size', '64'])
-    printed = capsys.readouterr().out
+    printed = sys.stdout.getvalue()
+    for step, description in enumerate(('tracing', 'converting', 'checking against PyTorch')):
+        assert re.search(rf'onnx: {description}: +\d+%\|.*\| {step}/3 \[', printed), printed
     assert 'opset 17, torchscript exporter, inference form' in printed
     errors = [float(line.rsplit(' ', 1)[1]) for line in printed.splitlines() if 'relative error' in line]
     assert len(errors) == 2 and max(errors) <= 1e-4
