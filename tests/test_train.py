@@ -189,6 +189,24 @@ def test_a_config_not_found_here_is_taken_from_the_packaged_configs(tmp_path, mo
     assert 'config file not found: classification/fat_b9.yaml' in exit_message('--cfg', 'classification/fat_b9.yaml')
 
 
+def test_trainer_benchmark_runs_this_copys_trainer_and_config(tmp_path):
+    """Both runs start from the folder that holds this code's package, the trainer by its module name and the
+    packaged config (in the checkout: classification.train, configs/; installed: fat_vit.classification.train,
+    fat_vit/configs/), timm's script with this code's models registered."""
+    from classification import trainer_benchmark
+
+    args = argparse.Namespace(model='fat_b0', batch_size=4, img_size=32, workers=0, epochs=2,
+                              timm_train_script=tmp_path / 'train.py')
+    command = trainer_benchmark.our_command(args, tmp_path / 'data', tmp_path / 'ours')
+    assert command[1:3] == ['-m', 'classification.train'] and command[command.index('--cfg') + 1] == B0_CONFIG
+    assert trainer_benchmark.IMPORT_ROOT == REPO_ROOT
+    launcher = trainer_benchmark.timm_command(args, tmp_path / 'data', tmp_path / 'timm')[2]
+    assert launcher.startswith('import runpy, sys, classification; ')
+    result = subprocess.run([sys.executable, *command[1:3], '--help'], cwd=trainer_benchmark.IMPORT_ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith('usage: python -m classification.train ')
+
+
 def test_config_errors_name_the_key(tmp_path):
     assert 'TRAIN.EPOCH' in exit_message('--cfg', B0_CONFIG, '--opts', 'TRAIN.EPOCH', '2')
     assert 'DATA.IMG_SIZE' in exit_message('--cfg', B0_CONFIG, '--opts', 'DATA.IMG_SIZE', 'large')
