@@ -24,9 +24,9 @@ ROOT = Path(__file__).parent
 VERSION = '0.1.0'
 DISTRIBUTION_PACKAGE = 'fat_vit'
 PROJECT_PACKAGES = ('classification', 'openmmlab', 'detection', 'segmentation', 'kernels')
-PACKAGE_INIT = f'''"""FAT and LVT: the models (registered with timm on import), their ImageNet trainer, exporter and benchmark, and
-their detection and segmentation backbones for MMDetection and MMSegmentation. Commands: fat-train, fat-eval,
-fat-predict, fat-publish, fat-visualize, fat-export, fat-benchmark, fat-pack-dataset, fat-model-table,
+PACKAGE_INIT = f'''"""FAT and LVT: the models (registered with timm on import), their ImageNet trainer, exporter and
+benchmark, and their detection and segmentation backbones for MMDetection and MMSegmentation. Commands: fat-train,
+fat-eval, fat-predict, fat-publish, fat-visualize, fat-export, fat-benchmark, fat-pack-dataset, fat-model-table,
 fat-trainer-benchmark, fat-det-train, fat-det-test, fat-seg-train, fat-seg-test; configs under fat_vit/configs/."""
 __version__ = {VERSION!r}
 

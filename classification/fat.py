@@ -178,9 +178,9 @@ def channels_first_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     """Attention of queries, keys and values laid out (batch, heads, head_dim, tokens), as FASA's 1x1 convolutions
     give them, in that layout: the scores (batch, heads, keys, queries) are normalised over the keys and the values
     multiply them from the left, so that no tensor of all the queries is transposed. What FASA computes in a graph
-    recorded for deployment (``graph_forms``): OpenVINO and ExecuTorch run it faster than ``F.scaled_dot_product_attention`` over transposed
-    tensors (ExecuTorch leaves parts of that one's decomposition to slow portable kernels). Equal to it up to float
-    rounding."""
+    recorded for deployment (``graph_forms``): OpenVINO and ExecuTorch run it faster than
+    ``F.scaled_dot_product_attention`` over transposed tensors (ExecuTorch leaves parts of that one's decomposition to
+    slow portable kernels). Equal to it up to float rounding."""
     scores = (k * k.shape[-2] ** -0.5).transpose(-1, -2) @ q
     return v @ scores.softmax(dim=-2)
 

@@ -3,13 +3,13 @@
     python -m classification.predict IMAGE_OR_FOLDER ... --model fat_b0 [--checkpoint CKPT] [--top-k 5]
         [--batch-size 32] [--output predictions.csv|.json] [--backend onnxruntime|openvino|executorch FILE]
 
-A folder is searched for images (recursively, sorted). ``--checkpoint`` takes any checkpoint the project reads,
-or a folder of ``classification.publish``. The preprocessing is evaluation's (``data.build_transform`` of the
+A folder is searched for images (recursively, sorted). ``--checkpoint`` takes any checkpoint the project reads, or a
+folder of ``classification.publish``. The preprocessing is evaluation's (``data.build_transform`` of the
 checkpoint's recorded image size, interpolation and crop, else of the defaults); the class names are those the
 trainer recorded in the checkpoint (its training split's class folders; a published folder's label names), else
-ImageNet's for 1000 classes, else the indices. ``--backend RUNTIME FILE`` runs a file of ``classification.export`` in its runtime through the same code
-(``--checkpoint`` then only names the classes and the preprocessing). A file that is not a readable image is named
-in one line and left out; the others are still classified.
+ImageNet's for 1000 classes, else the indices. ``--backend RUNTIME FILE`` runs a file of ``classification.export``
+in its runtime through the same code (``--checkpoint`` then only names the classes and the preprocessing). A file
+that is not a readable image is named in one line and left out; the others are still classified.
 """
 import argparse
 import csv
@@ -139,7 +139,8 @@ def write_predictions(predictions: List[Dict], output: Path):
         writer.writerow(['image', 'rank', 'index', 'name', 'probability'])
         for prediction in predictions:
             for rank, entry in enumerate(prediction['top'], 1):
-                writer.writerow([prediction['image'], rank, entry['index'], entry['name'], f"{entry['probability']:.6f}"])
+                writer.writerow([prediction['image'], rank, entry['index'], entry['name'],
+                                 f"{entry['probability']:.6f}"])
 
 
 def runner(args: argparse.Namespace) -> Callable[[torch.Tensor], torch.Tensor]:

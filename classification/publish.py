@@ -41,8 +41,8 @@ def model_card(name: str, num_classes: int, classes: Optional[Sequence[str]], co
              '- fat-vit', '---', '', f'# {name}', '',
              f'A `{name}` classifier of {num_classes} classes' +
              (f" ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})" if classes else '') +
-             ', trained with fat-vit (FAT: Lightweight Vision Transformer with Bidirectional Interaction, NeurIPS 2023; '
-             'LVT: Lite Vision Transformer with Enhanced Self-Attention, CVPR 2022).', '',
+             ', trained with fat-vit (FAT: Lightweight Vision Transformer with Bidirectional Interaction, '
+             'NeurIPS 2023; LVT: Lite Vision Transformer with Enhanced Self-Attention, CVPR 2022).', '',
              '## Accuracy', '', accuracy or 'Not recorded in the checkpoint this folder was published from.', '',
              '## Use', '', '```python', 'import timm', 'import classification  # or: import fat_vit (registers the '
              'models with timm)', '', "model = timm.create_model('hf-hub:USER/REPO', pretrained=True)  # or "

@@ -265,10 +265,11 @@ def test_export_rejects_bad_arguments(argv, message, capsys):
 
 
 # OpenVINO's models that fail on the way (a benchmark block, a verify) and are freed later, in the order they were
-# compiled (one of them compiled in a worker thread), then a signal that Python handles; run with faulthandler's alternate signal stack installed, as pytest
-# runs. With argv[2] 'strict', through a stand-in for OpenVINO's CPU plugin that gives each compiled model a signal
-# stack of its own and, when the model is freed, reinstalls the stack it found whatever is installed then, and
-# unmaps its own. (OpenVINO 2026.4 reinstalls it only while its own is installed, measured.)
+# compiled (one of them compiled in a worker thread), then a signal that Python handles; run with faulthandler's
+# alternate signal stack installed, as pytest runs. With argv[2] 'strict', through a stand-in for OpenVINO's CPU
+# plugin that gives each compiled model a signal stack of its own and, when the model is freed, reinstalls the stack
+# it found whatever is installed then, and unmaps its own. (OpenVINO 2026.4 reinstalls it only while its own is
+# installed, measured.)
 OPENVINO_FAILURE_PATHS = """
 import ctypes, os, signal, sys, threading, types
 from pathlib import Path

@@ -113,8 +113,8 @@ def metrics_of_checkpoint(trained_detector: dict, tiny_coco: Path, checkpoint: P
                                *dataset_options(tiny_coco, 'test', 'train'))
 
 
-def test_evaluation_of_the_overfit_detector_reaches_a_floor(trained_detector, tiny_coco, classification_trainer_checkpoint,
-                                                            tmp_path):
+def test_evaluation_of_the_overfit_detector_reaches_a_floor(trained_detector, tiny_coco,
+                                                            classification_trainer_checkpoint, tmp_path):
     """Tested on the images it was trained on, a working pipeline scores well; one that learns nothing, or whose
     evaluation is broken, scores near 0. Seeds 0, 1, 2 (2-core AMD EPYC, AVX2): RetinaNet box mAP 0.44, 0.42, 0.39;
     Mask R-CNN box 0.78, 0.63, 0.66 and mask 0.80, 0.65, 0.73. The run started from the classification trainer's

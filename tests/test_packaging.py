@@ -118,8 +118,9 @@ def test_sdist_and_wheel_hold_everything_under_one_top_level_name(sdist, wheel):
     # the modules' imports of one another, and the configs' custom_imports, point into fat_vit
     assert 'from fat_vit.classification.checkpoint_io import' in read('fat_vit/openmmlab/backbone.py')
     assert 'from fat_vit import openmmlab' in read('fat_vit/detection/__init__.py')
-    assert "custom_imports = dict(imports=['fat_vit.detection']" in read('fat_vit/configs/detection/_base_/fat_adamw_1x.py')
-    assert "imports=['fat_vit.segmentation']" in read('fat_vit/configs/segmentation/_base_/fpn_fat_8xb2-80k_ade20k-512x512.py')
+    detection, segmentation = '_base_/fat_adamw_1x.py', '_base_/fpn_fat_8xb2-80k_ade20k-512x512.py'
+    assert "custom_imports = dict(imports=['fat_vit.detection']" in read(f'fat_vit/configs/detection/{detection}')
+    assert "custom_imports = dict(imports=['fat_vit.segmentation']" in read(f'fat_vit/configs/segmentation/{segmentation}')
     entry_points = read('fat_vit-0.1.0.dist-info/entry_points.txt')
     assert set(re.findall(r'^(fat-[a-z-]+) = fat_vit\.', entry_points, re.M)) == COMMANDS
     metadata = read('fat_vit-0.1.0.dist-info/METADATA')
