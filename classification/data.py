@@ -409,9 +409,9 @@ class _Shards(IterableDataset):
 
     classes = None
 
-    def __init__(self, dataset: IterableDataset, location: str, num_classes: int, transform):
+    def __init__(self, dataset: IterableDataset, reader: _WdsReader, location: str, num_classes: int, transform):
         self.dataset = dataset
-        self.reader = _WdsReader(dataset.reader, location)
+        self.reader = reader
         self.location = location
         self.num_classes = num_classes
         self.transform = transform
@@ -435,9 +435,9 @@ class TrainingShards(_Shards):
     readers, so that a run resumed with as many processes and loader workers repeats an uninterrupted one.
     """
 
-    def __init__(self, dataset: IterableDataset, location: str, num_classes: int, transform, seed: int,
-                 num_workers: int):
-        super().__init__(dataset, location, num_classes, transform)
+    def __init__(self, dataset: IterableDataset, reader: _WdsReader, location: str, num_classes: int, transform,
+                 seed: int, num_workers: int):
+        super().__init__(dataset, reader, location, num_classes, transform)
         self.seed = seed
         self.epoch = multiprocessing.Value('i', 0)  # shared with the loader's persistent workers
         dataset.set_loader_cfg(num_workers=num_workers)
@@ -595,7 +595,7 @@ def _hfds_split(config: CfgNode, split: str) -> Tuple[Dataset, str, Optional[Lis
     return dataset, location, sorted(found, key=found.get) if found else None, None
 
 
-def _wds_split(config: CfgNode, split: str, is_training: bool) -> Tuple[Dataset, str]:
+def _wds_split(config: CfgNode, split: str, is_training: bool) -> Tuple[Dataset, _WdsReader, str]:
     root = _data_root(config)
     location = f'{root} ({config.DATA.DATASET}, split {split!r})'
     if '.tar' not in split and '..' not in split:  # a split's name, rather than timm's shard pattern
@@ -617,13 +617,14 @@ def _wds_split(config: CfgNode, split: str, is_training: bool) -> Tuple[Dataset,
                                f'DATA.{"TRAIN" if is_training else "VAL"}_SPLIT')
     dataset = _timm_dataset(config.DATA.DATASET, location, root=root, split=split, is_training=is_training,
                             batch_size=config.DATA.BATCH_SIZE, seed=config.SEED)
-    shards = _WdsReader(dataset.reader, location).shard_names
+    reader = _WdsReader(dataset.reader, location)
+    shards = reader.shard_names
     missing = [name for name in shards if '://' not in name and not name.startswith('pipe:') and
                not os.path.isfile(os.path.join(root, name))]
     if missing:
         raise DatasetError(f'{location}: {len(missing)} of its {len(shards)} shards not found, first '
                            f'{os.path.join(root, missing[0])}')
-    return dataset, location
+    return dataset, reader, location
 
 
 def _map_split(config: CfgNode, layout: str, split: str):
@@ -649,9 +650,8 @@ def build_train_dataset(config: CfgNode) -> Union[CheckedImages, TrainingShards]
                            f'name, which the folder and tar layouts have and {config.DATA.DATASET!r} does not: use '
                            f'one of those, or token labelling without score maps')
     if layout == 'wds':
-        dataset, location = _wds_split(config, split, is_training=True)
-        train = TrainingShards(dataset, location, config.MODEL.NUM_CLASSES, build_transform(config, is_training=True),
-                               config.SEED, config.DATA.NUM_WORKERS)
+        train = TrainingShards(*_wds_split(config, split, is_training=True), config.MODEL.NUM_CLASSES,
+                               build_transform(config, is_training=True), config.SEED, config.DATA.NUM_WORKERS)
     else:
         dataset, location, classes, relabel = _map_split(config, layout, split)
         if config.TOKEN_LABEL.DATA:
@@ -671,8 +671,7 @@ def build_val_dataset(config: CfgNode) -> Union[CheckedImages, ValidationShards]
     split = split_name(config, training=False)
     transform = build_transform(config, is_training=False)
     if layout == 'wds':
-        dataset, location = _wds_split(config, split, is_training=False)
-        val = ValidationShards(dataset, location, config.MODEL.NUM_CLASSES, transform)
+        val = ValidationShards(*_wds_split(config, split, is_training=False), config.MODEL.NUM_CLASSES, transform)
     else:
         dataset, location, classes, relabel = _map_split(config, layout, split)
         val = CheckedImages(dataset, layout, location, classes, config.MODEL.NUM_CLASSES, transform,
