@@ -14,6 +14,7 @@ import ast
 import os
 import re
 from pathlib import Path
+from typing import List, Tuple
 
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
@@ -51,6 +52,13 @@ ENTRY_POINTS = {
 }
 
 
+def _inserted(lines: List[str], edits: List[Tuple[int, int, str]]) -> str:
+    """``lines`` joined, with each ``(line index, column, text)`` of ``edits`` inserted."""
+    for index, column, text in sorted(edits, reverse=True):
+        lines[index] = lines[index][:column] + text + lines[index][column:]
+    return ''.join(lines)
+
+
 def nest_imports(source: str, filename: str) -> str:
     """``source`` with its absolute imports of the project's packages pointed into ``fat_vit``:
     ``from classification.x import y`` becomes ``from fat_vit.classification.x import y`` and ``import openmmlab``
@@ -67,9 +75,7 @@ def nest_imports(source: str, filename: str) -> str:
                 raise SystemExit(f'{filename}:{node.lineno}: write this import of the project\'s packages as '
                                  '`from PACKAGE.MODULE import NAME` or `import PACKAGE`, alone on its statement')
             edits.append((node.lineno - 1, node.col_offset, f'from {DISTRIBUTION_PACKAGE} '))
-    for index, column, text in sorted(edits, reverse=True):
-        lines[index] = lines[index][:column] + text + lines[index][column:]
-    return ''.join(lines)
+    return _inserted(lines, edits)
 
 
 def nest_custom_imports(source: str, filename: str) -> str:
@@ -84,9 +90,7 @@ def nest_custom_imports(source: str, filename: str) -> str:
                 if isinstance(constant, ast.Constant) and isinstance(constant.value, str) and \
                         constant.value.split('.')[0] in PROJECT_PACKAGES:
                     edits.append((constant.lineno - 1, constant.col_offset + 1, f'{DISTRIBUTION_PACKAGE}.'))
-    for index, column, text in sorted(edits, reverse=True):
-        lines[index] = lines[index][:column] + text + lines[index][column:]
-    return ''.join(lines)
+    return _inserted(lines, edits)
 
 
 class BuildPy(build_py):
