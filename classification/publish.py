@@ -18,6 +18,7 @@ from typing import Dict, Optional, Sequence
 import timm
 from yacs.config import CfgNode
 
+from . import export
 from .checkpoint_io import CheckpointError, UnsafeCheckpointError, best_weights, load_checkpoint_file
 from .commands import program_name
 from .data import split_name
@@ -59,8 +60,6 @@ def model_card(name: str, num_classes: int, classes: Optional[Sequence[str]], co
 
 def publish(checkpoint_path: str, output: Path, model_name: Optional[str] = None) -> Dict:
     """Write the folder; what it holds (``name``, ``num_classes``, ``weights``: which the checkpoint called best)."""
-    from . import export
-
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise PublishError(f'{output} exists and is not an empty folder: publish into a new one')
     checkpoint = load_checkpoint_file(checkpoint_path)

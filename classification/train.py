@@ -565,7 +565,8 @@ class Trainer:
                      f"  loss scale {stats['loss_scale']:g}" if 'loss_scale' in stats else '',
                      f"  peak memory {stats['peak_memory_gib']:.2f} GiB" if 'peak_memory_gib' in stats else '',
                      datetime.timedelta(seconds=int(eta)))
-        bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", img_s=f"{stats['images_per_second']:.1f}")
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}",
+                        img_s=f"{stats['images_per_second']:.1f}")
         if self.writer is not None:
             step = epoch * self.steps_per_epoch + batch // self.config.TRAIN.ACCUMULATION_STEPS
             for name, value in stats.items():
