@@ -1,6 +1,8 @@
 """COCO panoptic segmentation with LVT on MMDetection: Panoptic FPN's config, training and PQ evaluation."""
 import json
 import math
+import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 pytest.importorskip('mmdet', reason='MMDetection is not installed (make setup-dense)')
 
 import cv2  # OpenCV comes with the OpenMMLab stack
+import mmengine.runner.loops
 import torch
 from mmengine.config import Config
 from mmdet.registry import MODELS
@@ -142,7 +145,13 @@ def trained_panoptic(tmp_path_factory, tiny_coco_panoptic, lvt_classification_ch
     directory = tmp_path_factory.mktemp('panoptic')
     config = tiny_config(directory, tiny_coco_panoptic, lvt_classification_checkpoint)
     work_dir = directory / 'work_dir'
-    log = run_entry_point('detection.train', config, '--work-dir', work_dir)
+    # MMEngine's iteration loop sleeps 2 s each time it restarts a finite data loader, against a deadlock of its
+    # workers (24 restarts here, 48 s); this loader has no workers. InfiniteSampler, which avoids the restarts, would
+    # draw the batches in another order than the one whose floors were measured.
+    without_pause = types.SimpleNamespace(**{**vars(time), 'sleep': lambda seconds: None})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mmengine.runner.loops, 'time', without_pause)
+        log = run_entry_point('detection.train', config, '--work-dir', work_dir)
     return dict(config=config, work_dir=work_dir, log=log, checkpoint=work_dir / f'iter_{TRAIN_ITERS}.pth')
 
 
