@@ -86,10 +86,10 @@ def _draw(name: str, rng: np.random.RandomState) -> Image.Image:
     return image
 
 
-def generate(root: str, seed: int = 0):
+def generate(root: str, seed: int = 0, train_per_class: int = TRAIN_PER_CLASS, val_per_class: int = VAL_PER_CLASS):
     """Write the dataset into ``root`` (train/ and val/, one folder per class, PNG files)."""
     rng = np.random.RandomState(seed)
-    for split, count in (('train', TRAIN_PER_CLASS), ('val', VAL_PER_CLASS)):
+    for split, count in (('train', train_per_class), ('val', val_per_class)):
         for name in CLASSES:
             folder = os.path.join(root, split, name)
             os.makedirs(folder, exist_ok=True)
@@ -97,8 +97,10 @@ def generate(root: str, seed: int = 0):
                 _draw(name, rng).save(os.path.join(folder, f'{name}_{i:04d}.png'))
 
 
-def ensure_synthetic_shapes(root: str, seed: int = 0):
-    """Generate the dataset into ``root`` unless a complete copy is already there."""
+def ensure_synthetic_shapes(root: str, seed: int = 0, train_per_class: int = TRAIN_PER_CLASS,
+                            val_per_class: int = VAL_PER_CLASS):
+    """Generate the dataset into ``root`` unless a complete copy is already there (a smaller one with fewer images
+    per class)."""
     if os.path.isfile(os.path.join(root, _COMPLETE_MARKER)):
         return
     if os.path.exists(root) and os.listdir(root):
@@ -108,7 +110,7 @@ def ensure_synthetic_shapes(root: str, seed: int = 0):
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix='.synthetic_shapes_', dir=parent)
     try:
-        generate(staging, seed)
+        generate(staging, seed, train_per_class, val_per_class)
         open(os.path.join(staging, _COMPLETE_MARKER), 'w').close()
         if os.path.exists(root):
             os.rmdir(root)

@@ -23,6 +23,7 @@ from classification.data import (CheckedImages, DatasetError, SeededSamples, Val
                                  build_train_loader, build_val_dataset, build_val_loader, seeded_random_state)
 from classification.pack_dataset import PackError, pack
 from classification.pack_dataset import main as pack_main
+from classification.synthetic_shapes import CLASSES, ensure_synthetic_shapes
 from classification.train import parse_args, run
 from conftest import REPO_ROOT, run_ok, write_image_folder
 from test_train import B0_CONFIG, TINY, exit_message, killed_at_step, train_command
@@ -99,6 +100,24 @@ def test_a_samples_seed_reaches_the_cpu_generator_alone(monkeypatch):
     torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
     assert torch.equal(torch.get_rng_state(), before)
     assert reseeded == []
+
+
+def test_the_generated_shapes_are_written_once_whole_and_the_same_for_a_seed(tmp_path):
+    """The demo's dataset (and, smaller, the GPU check's rehearsal's): every class in each split, the same images for
+    a seed, left alone once complete; a folder that is not a complete copy is refused, not overwritten."""
+    ensure_synthetic_shapes(str(tmp_path / 'a'), train_per_class=2, val_per_class=1)
+    files = sorted(path.relative_to(tmp_path / 'a') for path in (tmp_path / 'a').rglob('*.png'))
+    assert [str(path.parent) for path in files] == sorted(
+        f'{split}/{name}' for split, count in (('train', 2), ('val', 1)) for name in CLASSES for _ in range(count))
+    ensure_synthetic_shapes(str(tmp_path / 'b'), train_per_class=2, val_per_class=1)
+    assert all((tmp_path / 'a' / path).read_bytes() == (tmp_path / 'b' / path).read_bytes() for path in files)
+    written = (tmp_path / 'a' / files[0]).stat().st_mtime_ns
+    ensure_synthetic_shapes(str(tmp_path / 'a'))  # complete: kept as it is, whatever the counts asked
+    assert (tmp_path / 'a' / files[0]).stat().st_mtime_ns == written
+    assert len(list((tmp_path / 'a').rglob('*.png'))) == len(files)
+    (tmp_path / 'partial' / 'train').mkdir(parents=True)
+    with pytest.raises(FileExistsError, match='is not a complete synthetic_shapes dataset'):
+        ensure_synthetic_shapes(str(tmp_path / 'partial'))
 
 
 def test_dataset_names_are_timms():

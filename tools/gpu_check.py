@@ -43,7 +43,7 @@ import time
 import traceback
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / 'gpu-check'
@@ -51,9 +51,11 @@ DEFAULT_WORK = REPO / 'build' / 'gpu-check'
 DEFAULT_WHEELS = REPO / 'gpu-wheels'
 GPU_BUDGET_SECONDS = 390
 SMOKE_BUDGET_SECONDS = 240
+SMOKE_SHAPES_PER_CLASS = (20, 5)  # training and validation images a class of the rehearsal's generated dataset
 # The rehearsal's budget and step limits were sized on a machine where probe_seconds() measured this, idle (a 2-core
 # AMD EPYC with AVX2 only, 2 threads: its steps took 175-185 s, the fp16 one 67-78 s, fp16 autocast being emulated
-# there as bf16 is); on a slower or busier CPU they stretch by what the probe measures there.
+# there as bf16 is, on the full generated dataset); on a slower or busier CPU they stretch by what the probe measures
+# there.
 SMOKE_PROBE_REFERENCE_SECONDS = 2.5
 LOG_TAIL_LINES = 40
 
@@ -628,20 +630,34 @@ def trainer_processes(check: Check) -> int:
     return min(max(check.gpus, 1), 2)
 
 
+def training_data(check: Check) -> Tuple[Path, int]:
+    """The generated shapes dataset that the trainer steps share, and its number of training images: on a GPU the
+    full one, which the first run writes; in the rehearsal a smaller one written here (SMOKE_SHAPES_PER_CLASS: 2
+    batches of 100 an epoch, 50 images to validate on), on which its fp16 step, emulated on most CPUs, takes a
+    fraction of the time that the full one takes."""
+    from classification.synthetic_shapes import CLASSES, TRAIN_PER_CLASS, ensure_synthetic_shapes
+
+    root = check.work / 'data' / 'synthetic_shapes'
+    if not check.smoke:
+        return root, TRAIN_PER_CLASS * len(CLASSES)
+    ensure_synthetic_shapes(str(root), train_per_class=SMOKE_SHAPES_PER_CLASS[0],
+                            val_per_class=SMOKE_SHAPES_PER_CLASS[1])
+    return root, SMOKE_SHAPES_PER_CLASS[0] * len(CLASSES)
+
+
 def trainer_command(check: Check, model: str, output: Path, epochs: int, amp: str) -> List:
     """``torchrun -m classification.train`` on the generated shapes dataset, the recipe of
     ``configs/classification/<model>.yaml`` (RandAugment, Mixup / CutMix, random erasing, AdamW) with channels-last
     and EMA, on 224-pixel crops at batch 128 per GPU (32 pixels, batch 100 in the rehearsal), one log line per
     epoch."""
-    from classification.synthetic_shapes import CLASSES, TRAIN_PER_CLASS
-
+    data, images = training_data(check)
     image_size, batch = (32, 100) if check.smoke else (224, 128)
     processes = trainer_processes(check)
-    steps_per_epoch = math.ceil(TRAIN_PER_CLASS * len(CLASSES) / processes) // batch
+    steps_per_epoch = math.ceil(images / processes) // batch
     workers = 1 if check.smoke else max(2, (os.cpu_count() or 4) // processes - 2)
     return [check.python, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', processes,
             '-m', 'classification.train', '--cfg', f'configs/classification/{model}.yaml',
-            '--data-path', check.work / 'data' / 'synthetic_shapes', '--output', output, '--batch-size', batch,
+            '--data-path', data, '--output', output, '--batch-size', batch,
             '--opts', 'DATA.DATASET', 'synthetic_shapes', 'MODEL.NUM_CLASSES', '10', 'DATA.IMG_SIZE', image_size,
             'DATA.NUM_WORKERS', workers, 'DATA.PIN_MEMORY', not check.smoke, 'DATA.DEVICE_NORMALIZE', 'True',
             'TRAIN.EPOCHS', epochs, 'TRAIN.WARMUP_EPOCHS', min(1, epochs - 1), 'TRAIN.CHANNELS_LAST', 'True',
