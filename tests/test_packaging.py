@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, write_tiny_coco
+from conftest import REPO_ROOT, write_image_folder, write_tiny_coco
 
 pytestmark = pytest.mark.slow  # each test builds or installs the wheel
 
@@ -148,24 +148,27 @@ def test_two_copies_in_one_process_are_refused_naming_both(installed):
 
 def test_entry_points_run_the_readme_commands_away_from_the_checkout(installed, tmp_path):
     """From a folder outside the checkout, through the installed commands: one epoch of the demo config (found
-    among the packaged configs by its path under configs/), an ONNX export with its parity check, a one-model
-    benchmark, and two iterations of a packaged detection config through MMDetection's own tools/train.py."""
+    among the packaged configs by its path under configs/) on a small image folder, an ONNX export with its parity
+    check, a one-model benchmark, and two iterations of a packaged detection config through MMDetection's own
+    tools/train.py."""
     away, env = installed['away'], installed['env']
     usage = run(['fat-det-train', '--help'], cwd=away, env=env).stdout
     assert usage.startswith('usage: fat-det-train ')
     usage = run([installed['python'], '-m', 'fat_vit.classification.train', '--help'], cwd=away, env=env).stdout
     assert usage.startswith('usage: python -m fat_vit.classification.train ')
 
-    trained = run(['fat-train', '--cfg', 'configs/classification/demo.yaml', '--opts', 'TRAIN.EPOCHS', '1',
-                   'TRAIN.WARMUP_EPOCHS', '0', 'SAVE_FREQ', '1'], cwd=away, env=env)
+    images = write_image_folder(tmp_path / 'images', train_per_class=8, val_per_class=4)  # 3 classes
+    on_images = ['--data-path', images, '--dataset', 'folder']
+    trained = run(['fat-train', '--cfg', 'configs/classification/demo.yaml', *on_images, '--opts', 'TRAIN.EPOCHS',
+                   '1', 'TRAIN.WARMUP_EPOCHS', '0', 'SAVE_FREQ', '1'], cwd=away, env=env)
     packaged = installed['site'] / 'fat_vit' / 'configs' / 'classification' / 'demo.yaml'
     assert f'configs/classification/demo.yaml is not a file here: using the packaged config {packaged}' in \
         trained.stderr
     summary = json.loads((away / 'output' / 'demo' / 'summary.json').read_text())
     assert [entry['epoch'] for entry in summary['history']] == [1]
-    run(['fat-eval', '--cfg', 'classification/demo.yaml', '--resume', 'output/demo/latest.pth'],
-                    cwd=away, env=env)
-    assert 'output/demo/latest.pth on 200 images: acc@1' in (away / 'output' / 'demo' / 'eval_log.txt').read_text()
+    run(['fat-eval', '--cfg', 'classification/demo.yaml', '--resume', 'output/demo/latest.pth', *on_images],
+        cwd=away, env=env)
+    assert 'output/demo/latest.pth on 12 images: acc@1' in (away / 'output' / 'demo' / 'eval_log.txt').read_text()
 
     exported = run(['fat-export', '--model', 'fat_b0', '--format', 'onnx', '--output', 'fat_b0.onnx', '--img-size',
                     '64'], cwd=away, env=env).stdout
