@@ -23,6 +23,7 @@ BatchNorm folded into the convolution before it, the residuals of the position e
 depthwise convolution folded into their kernels, and the 1x1 convolutions run as matrix products over the
 channels of channels-last tensors. Its state dict differs; checkpoints are of the training form.
 """
+import copy
 import logging
 import re
 from collections import OrderedDict
@@ -31,7 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, GroupNorm1, trunc_normal_
@@ -110,8 +111,18 @@ class ConvBnSequential(nn.Sequential):
                 conv = self._modules[conv_name]
                 if isinstance(conv, ResidualDepthwiseConv):
                     conv = conv.fuse()
-                setattr(self, conv_name, fuse_conv_bn_eval(conv, self._modules[name]))
+                setattr(self, conv_name, _fold_batchnorm(conv, self._modules[name]))
                 delattr(self, name)
+
+
+def _fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """``conv`` then ``bn`` as one convolution: the BatchNorm's eval-mode function (its running statistics) folded
+    into the kernel whatever mode the two are in, as timm's reparameterizable models fold theirs (tools that call
+    ``reparameterize_model`` before ``eval()``, timmx among them, get the same inference form)."""
+    fused = copy.deepcopy(conv)  # of its own class: a PointwiseConv is fused further by reparameterize_model
+    fused.weight, fused.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                                    bn.weight, bn.bias)
+    return fused
 
 
 def _conv_bn_relu(in_dim: int, out_dim: int, stride: int) -> ConvBnSequential:

@@ -85,6 +85,18 @@ def test_reparameterize_model_folds_every_batchnorm_and_residual():
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
 
 
+@pytest.mark.parametrize('name', ['fat_b0', 'fat_b0_cat'])
+def test_reparameterize_model_folds_a_model_in_training_mode(name):
+    """As timm's own reparameterizable models do (timmx fuses before eval()): the same inference form, the running
+    statistics folded, the batch's statistics never used."""
+    model = randomize_norms(timm.create_model(name, depths=(2, 2, 2, 1)))
+    from_training_mode = reparameterize_model(model.train()).eval()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in from_training_mode.modules())
+    images = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        assert relative_error(from_training_mode(images), model.eval()(images)) <= 1e-5
+
+
 def test_reparameterize_model_is_idempotent():
     model = randomize_norms(timm.create_model('fat_b0'))
     once = reparameterize_model(model)
