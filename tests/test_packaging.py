@@ -158,7 +158,7 @@ def test_entry_points_run_the_readme_commands_away_from_the_checkout(installed, 
     assert usage.startswith('usage: python -m fat_vit.classification.train ')
 
     images = write_image_folder(tmp_path / 'images', train_per_class=8, val_per_class=4)  # 3 classes
-    on_images = ['--data-path', images, '--dataset', 'folder']
+    on_images = ['--data-path', images, '--dataset', 'folder', '--batch-size', '8']
     trained = run(['fat-train', '--cfg', 'configs/classification/demo.yaml', *on_images, '--opts', 'TRAIN.EPOCHS',
                    '1', 'TRAIN.WARMUP_EPOCHS', '0', 'SAVE_FREQ', '1'], cwd=away, env=env)
     packaged = installed['site'] / 'fat_vit' / 'configs' / 'classification' / 'demo.yaml'
