@@ -340,8 +340,8 @@ try:  # a benchmark block that fails with both its models alive: its traceback k
                            models, torch.device('cpu'), None, {})
 except RuntimeError as error:
     failures.append(error)
-export.export(models['first'], folder / 'first.xml', 'openvino', 64,
-              traced=export.trace(models['first'], 64, 'openvino', batch_size=1))  # static: converts in a third of the time
+static = export.trace(models['first'], 64, 'openvino', batch_size=1)  # converts in a third of a dynamic one's time
+export.export(models['first'], folder / 'first.xml', 'openvino', 64, traced=static)
 try:  # a verify that fails (a model of another classifier): its traceback keeps the loaded model
     export.verify(models['second'], folder / 'first.xml', 'openvino', [(1, 3, 64, 64)])
 except RuntimeError as error:

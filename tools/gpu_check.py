@@ -631,18 +631,15 @@ def trainer_processes(check: Check) -> int:
 
 
 def training_data(check: Check) -> Tuple[Path, int]:
-    """The generated shapes dataset that the trainer steps share, and its number of training images: on a GPU the
-    full one, which the first run writes; in the rehearsal a smaller one written here (SMOKE_SHAPES_PER_CLASS: 2
-    batches of 100 an epoch, 50 images to validate on), on which its fp16 step, emulated on most CPUs, takes a
-    fraction of the time that the full one takes."""
-    from classification.synthetic_shapes import CLASSES, TRAIN_PER_CLASS, ensure_synthetic_shapes
+    """The generated shapes dataset that the trainer steps share, written here, and its number of training images:
+    the full one on a GPU; in the rehearsal a smaller one (SMOKE_SHAPES_PER_CLASS: 2 batches of 100 an epoch, 50
+    images to validate on), on which its fp16 step, emulated on most CPUs, takes a fraction of the full one's time."""
+    from classification.synthetic_shapes import CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, ensure_synthetic_shapes
 
     root = check.work / 'data' / 'synthetic_shapes'
-    if not check.smoke:
-        return root, TRAIN_PER_CLASS * len(CLASSES)
-    ensure_synthetic_shapes(str(root), train_per_class=SMOKE_SHAPES_PER_CLASS[0],
-                            val_per_class=SMOKE_SHAPES_PER_CLASS[1])
-    return root, SMOKE_SHAPES_PER_CLASS[0] * len(CLASSES)
+    train_per_class, val_per_class = SMOKE_SHAPES_PER_CLASS if check.smoke else (TRAIN_PER_CLASS, VAL_PER_CLASS)
+    ensure_synthetic_shapes(str(root), train_per_class=train_per_class, val_per_class=val_per_class)
+    return root, train_per_class * len(CLASSES)
 
 
 def trainer_command(check: Check, model: str, output: Path, epochs: int, amp: str) -> List:
