@@ -13,6 +13,7 @@ cannot do that rewriting, so it is refused with directions.
 import ast
 import os
 import re
+import textwrap
 from pathlib import Path
 from typing import List, Tuple
 
@@ -25,14 +26,6 @@ ROOT = Path(__file__).parent
 VERSION = '0.1.0'
 DISTRIBUTION_PACKAGE = 'fat_vit'
 PROJECT_PACKAGES = ('classification', 'openmmlab', 'detection', 'segmentation', 'kernels')
-PACKAGE_INIT = f'''"""FAT and LVT: the models (registered with timm on import), their ImageNet trainer, exporter and
-benchmark, and their detection and segmentation backbones for MMDetection and MMSegmentation. Commands: fat-train,
-fat-eval, fat-predict, fat-publish, fat-visualize, fat-export, fat-benchmark, fat-pack-dataset, fat-model-table,
-fat-trainer-benchmark, fat-det-train, fat-det-test, fat-seg-train, fat-seg-test; configs under fat_vit/configs/."""
-__version__ = {VERSION!r}
-
-from . import classification  # noqa: F401,E402  (registers the models with timm)
-'''
 # name: module:function, each command the README teaches
 ENTRY_POINTS = {
     'fat-train': 'classification.train:main',
@@ -50,6 +43,14 @@ ENTRY_POINTS = {
     'fat-seg-train': 'segmentation.train:main',
     'fat-seg-test': 'segmentation.test:main',
 }
+PACKAGE_INIT = textwrap.fill(
+    '"""FAT and LVT: the models (registered with timm on import), their ImageNet trainer, exporter and benchmark, and '
+    'their detection and segmentation backbones for MMDetection and MMSegmentation. Commands: '
+    f'{", ".join(ENTRY_POINTS)}; configs under fat_vit/configs/."""', width=117, break_on_hyphens=False) + f'''
+__version__ = {VERSION!r}
+
+from . import classification  # noqa: F401,E402  (registers the models with timm)
+'''
 
 
 def _inserted(lines: List[str], edits: List[Tuple[int, int, str]]) -> str:
