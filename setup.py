@@ -183,7 +183,8 @@ setup(
         'segmentation': ['mmcv>=2.0,<2.2', 'mmengine>=0.10.7,<1', 'mmsegmentation>=1.2.2,<2', 'ftfy', 'regex'],
         # the readers of timm's dataset factory for WebDataset shards and Hugging Face datasets (README, Data layouts)
         'data': ['webdataset>=1.0', 'datasets>=3'],
-        'deploy': ['onnx>=1.23', 'onnxscript>=0.7', 'onnxruntime>=1.31', 'openvino>=2026.4', 'executorch>=1.5'],
+        'deploy': ['onnx>=1.23', 'onnxscript>=0.7', 'onnxruntime>=1.31', 'openvino>=2026.4', 'executorch>=1.5',
+                   'nncf>=3.4', 'timmx>=0.10.1', 'onnxslim'],
         # the benchmark's plot and visualize's colour maps
         'plots': ['matplotlib'],
     },

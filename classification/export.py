@@ -3,6 +3,7 @@
     python -m classification.export --model fat_b0 [--checkpoint PATH] --format onnx|openvino|executorch
         --output PATH [--img-size N] [--training-form] [--no-verify]
         [--opset 18] [--exporter dynamo|torchscript]        (ONNX only)
+        [--int8 --calibration-data DIR [--calibration-samples 300] [--min-agreement 0.9]]    (OpenVINO only)
 
 The model (its inference form, ``timm.utils.reparameterize_model``, unless ``--training-form``) is traced once by
 ``torch.export`` with a dynamic batch, height and width (from 33 pixels); each format converts that one program:
@@ -27,6 +28,11 @@ and one of another batch whose height and width are not multiples of 32, and com
 error: max |difference| / max |PyTorch output|); it exits non-zero if an error exceeds ``VERIFY_TOLERANCE``.
 Files are written under a temporary name and renamed when complete, so a failed export leaves no partial file and
 an export to an existing path replaces it.
+
+``--int8`` writes an INT8 OpenVINO model instead (``classification.int8``: NNCF's post-training quantization,
+calibrated on images of ``--calibration-data``): after the float32 export and its check, the command quantizes it,
+prints the INT8 model's top-1 agreement with float32 on held-out images of the folder (and both models' top-1 there
+where the folder has a subfolder per class), and writes it only if the agreement reaches ``--min-agreement``.
 """
 import argparse
 import contextlib
@@ -44,8 +50,8 @@ import timm
 import torch
 from timm.utils import reparameterize_model
 
-from . import dependencies
-from .checkpoint_io import CheckpointError, UnsafeCheckpointError, load_weights
+from . import dependencies, int8
+from .checkpoint_io import CheckpointError, UnsafeCheckpointError, load_checkpoint_file, load_weights
 from .commands import program_name, progress
 from .registry import model_names
 
@@ -336,7 +342,32 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--no-verify', action='store_true', help='skip running the export in its runtime')
     parser.add_argument('--opset', type=int, help='ONNX opset (default: 18 for dynamo, 17 for torchscript)')
     parser.add_argument('--exporter', choices=tuple(MIN_OPSET), help='ONNX exporter (default: dynamo)')
+    parser.add_argument('--int8', action='store_true',
+                        help='quantize to INT8 (OpenVINO; NNCF post-training quantization on --calibration-data)')
+    parser.add_argument('--calibration-data', type=Path, metavar='DIR',
+                        help='images for --int8, read as the model evaluates (a subfolder per class: top-1 too)')
+    parser.add_argument('--calibration-samples', type=int, default=int8.CALIBRATION_SAMPLES, metavar='N',
+                        help=f'images to calibrate on; the rest of the folder is held out (default: '
+                             f'{int8.CALIBRATION_SAMPLES}, at most four fifths of the folder)')
+    parser.add_argument('--min-agreement', type=float, default=int8.MIN_AGREEMENT, metavar='F',
+                        help='the least top-1 agreement of INT8 with float32 on the held-out images for the INT8 '
+                             f'model to be written (default: {int8.MIN_AGREEMENT})')
     args = parser.parse_args(argv)
+    if args.int8:
+        if args.fmt != 'openvino':
+            parser.error('--int8 is implemented for --format openvino (NNCF)')
+        if args.calibration_data is None:
+            parser.error('--int8 needs --calibration-data DIR, a folder of images to calibrate on')
+        if not args.calibration_data.is_dir():
+            parser.error(f'--calibration-data {args.calibration_data}: no such folder')
+        if args.calibration_samples < 1 or not 0 <= args.min_agreement <= 1:
+            parser.error('--calibration-samples must be at least 1, --min-agreement within [0, 1]')
+        try:
+            int8.require()
+        except dependencies.MissingDependency as error:
+            parser.error(str(error))
+    elif args.calibration_data is not None:
+        parser.error('--calibration-data applies to --int8 only')
     if args.fmt != 'onnx' and (args.opset is not None or args.exporter is not None):
         parser.error('--opset and --exporter apply to --format onnx only')
     args.exporter = args.exporter or 'dynamo'
@@ -366,31 +397,76 @@ def main(argv: Optional[Sequence[str]] = None):
         model = build_model(args.model, args.checkpoint, deploy=not args.training_form)
     except (CheckpointError, UnsafeCheckpointError) as error:
         sys.exit(f'error: {error}')
-    steps = progress(total=2 if args.no_verify else 3, desc=f'{args.fmt}: tracing')
+    calibration = None
+    if args.int8:
+        from .predict import preprocessing  # predict imports this module
+
+        try:
+            checkpoint = load_checkpoint_file(args.checkpoint) if args.checkpoint else None
+            checkpoint = checkpoint if isinstance(checkpoint, dict) else None
+            transform = preprocessing(args.model, checkpoint, args.img_size)
+            calibration = int8.read_calibration_data(args.calibration_data, transform, args.calibration_samples,
+                                                     checkpoint and checkpoint.get('classes'),
+                                                     model.num_classes)
+        except (CheckpointError, UnsafeCheckpointError, int8.QuantizationError) as error:
+            sys.exit(f'error: {error}')
+        print(f'calibration data: {len(calibration.calibration)} images to calibrate on, '
+              f'{len(calibration.held_out)} held out ({calibration.skipped} unreadable skipped; '
+              f'{calibration.labels_from})')
+    steps = progress(total=(2 if args.no_verify else 3) + 2 * args.int8, desc=f'{args.fmt}: tracing')
     traced = trace(model, args.img_size, args.fmt)
     steps.update()
     steps.set_description(f'{args.fmt}: ' + ('lowering to XNNPACK' if args.fmt == 'executorch' else 'converting'))
-    dynamic_size = export(model, args.output, args.fmt, args.img_size, args.opset, args.exporter, traced=traced)
-    steps.update()
+    with contextlib.ExitStack() as stack:
+        written_to = args.output
+        if args.int8:  # the float32 model goes to a temporary folder, the INT8 one to --output
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            folder = stack.enter_context(tempfile.TemporaryDirectory(dir=args.output.parent,
+                                                                     prefix=f'.{args.output.stem}.fp32.'))
+            written_to = Path(folder) / args.output.name
+        dynamic_size = export(model, written_to, args.fmt, args.img_size, args.opset, args.exporter, traced=traced)
+        steps.update()
+        if not args.no_verify:
+            shapes = verify_shapes(args.img_size, dynamic_size)
+            steps.set_description(f'{args.fmt}: checking against PyTorch')
+            errors = verify(model, written_to, args.fmt, shapes)
+            steps.update()
+        if args.int8:
+            quantize_and_check(args, model, written_to, calibration, steps)
+    steps.close()
     written = [args.output] + ([args.output.with_suffix('.bin')] if args.fmt == 'openvino' else [])
     details = f', opset {args.opset}, {args.exporter} exporter' if args.fmt == 'onnx' else ''
-    print(f'wrote {" and ".join(map(str, written))} ({args.model}, {args.fmt}{details}, '
-          f'{"training" if args.training_form else "inference"} form)')
+    print(f'wrote {" and ".join(map(str, written))} ({args.model}, {args.fmt}{details}'
+          f'{", INT8" if args.int8 else ""}, {"training" if args.training_form else "inference"} form)')
     if not dynamic_size:
         print(f'note: the graph of {args.model} depends on the input size, so the export takes '
               f'{args.img_size}x{args.img_size} images only (any batch)')
     if args.no_verify:
-        steps.close()
         return
-    shapes = verify_shapes(args.img_size, dynamic_size)
-    steps.set_description(f'{args.fmt}: checking against PyTorch')
-    errors = verify(model, args.output, args.fmt, shapes)
-    steps.close()
     for shape, error in zip(shapes, errors):
-        print(f'{args.fmt} vs PyTorch, input {shape}: relative error {error:.2e}')
+        print(f'{args.fmt}{" float32" if args.int8 else ""} vs PyTorch, input {shape}: relative error {error:.2e}')
     if max(errors) > VERIFY_TOLERANCE:
         sys.exit(f'error: {args.fmt} differs from PyTorch by {max(errors):.2e} relative, more than '
                  f'{VERIFY_TOLERANCE:g}')
+
+
+def quantize_and_check(args: argparse.Namespace, model: torch.nn.Module, fp32_xml: Path,
+                       calibration: 'int8.CalibrationData', steps):
+    """Quantize ``fp32_xml`` into ``args.output`` where its held-out agreement with float32 reaches
+    ``args.min_agreement``; exit with the figures otherwise, writing nothing."""
+    steps.set_description(f'{args.fmt}: quantizing to INT8 (NNCF)')
+    with _replacing(args.output, ['.xml', '.bin']) as staged:
+        int8.quantize(fp32_xml, staged.with_suffix('.xml'), calibration.calibration)
+        steps.update()
+        steps.set_description(f'{args.fmt}: checking INT8 against float32')
+        result = int8.check_held_out(model, staged.with_suffix('.xml'), calibration)
+        steps.update()
+        accuracy = '' if result.fp32_top1 is None else \
+            f'; top-1 {result.int8_top1:.1%} (float32 {result.fp32_top1:.1%})'
+        print(f'INT8 vs float32 on {result.images} held-out images: top-1 agreement {result.agreement:.1%}{accuracy}')
+        if result.agreement < args.min_agreement:
+            sys.exit(f'error: the INT8 model agrees with float32 on {result.agreement:.1%} of the held-out images, '
+                     f'less than --min-agreement {args.min_agreement:g}; nothing written')
 
 
 if __name__ == '__main__':

@@ -53,9 +53,10 @@ def _published_preprocessing(pretrained_cfg: Dict) -> Dict[str, Any]:
                 TEST=dict(CROP=True, CROP_PCT=pretrained_cfg.get('crop_pct')))
 
 
-def preprocessing(model_name: str, checkpoint: Optional[Dict]) -> Callable[[Image.Image], torch.Tensor]:
+def preprocessing(model_name: str, checkpoint: Optional[Dict],
+                  img_size: Optional[int] = None) -> Callable[[Image.Image], torch.Tensor]:
     """Evaluation's transform of a PIL image (resize, centre crop, normalise), as the checkpoint's run evaluated
-    (its recorded config, or a published folder's ``pretrained_cfg``)."""
+    (its recorded config, or a published folder's ``pretrained_cfg``); at ``img_size`` if given."""
     checkpoint = checkpoint or {}
     saved = checkpoint.get('config')
     if isinstance(saved, str):
@@ -67,6 +68,8 @@ def preprocessing(model_name: str, checkpoint: Optional[Dict]) -> Callable[[Imag
         value = _recorded(saved, key)
         if value is not None:
             opts += [key, str(value)]
+    if img_size is not None:
+        opts += ['DATA.IMG_SIZE', str(img_size)]
     return build_transform(load_config(None, opts), is_training=False)
 
 

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import classification  # noqa: F401  (registers the FAT models with timm)
+from classification import export
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(os.environ.get('FAT_REFERENCE_DIR', REPO_ROOT.parent / 'shared' / 'reference'))
@@ -285,3 +286,24 @@ def build_and_check_model(cfg, config: Path, registry):
     num_params = sum(p.numel() for p in model.parameters())
     assert f'# Parameters: {num_params / 1e6:.1f} M' in config.read_text()
     return model
+
+
+def randomize_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Give every BatchNorm and GroupNorm statistics and affine parameters far from the identity, so that a
+    fusion that forgets one of them shows."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+def skip_without_runtime(fmt: str):
+    """Skip the calling test, with the reason, where the runtime of ``fmt`` is not installed."""
+    try:
+        export.require(fmt)
+    except export.RuntimeMissing as missing:
+        pytest.skip(str(missing))

@@ -1,6 +1,7 @@
 """What a command says when the optional stack it needs is missing: the make target (and the pip extra) that installs
 it, in one line, not an ImportError from deep inside. Runs without the optional stacks themselves."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,12 @@ def test_an_export_without_its_runtime_names_the_make_target(monkeypatch):
     with pytest.raises(export.RuntimeMissing, match=r'--format openvino needs openvino, which does not import .*'
                                                     r'`make setup-extras` .*pip install "fat-vit\[deploy\]"'):
         export.require('openvino')
+
+
+def test_an_int8_export_without_nncf_names_the_make_target(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, 'nncf', None)
+    with pytest.raises(SystemExit):
+        export.main(['--model', 'fat_b0', '--format', 'openvino', '--output', 'x.xml', '--int8', '--calibration-data',
+                     '.'])
+    assert re.search(r'--int8 needs nncf, which does not import .*`make setup-extras` .*'
+                     r'pip install "fat-vit\[deploy\]"', capsys.readouterr().err)

@@ -1,0 +1,99 @@
+"""INT8 OpenVINO export (``--int8``, classification/int8.py): NNCF's quantization calibrated on a folder of images,
+its agreement with float32 on the folder's held-out images, and the floor below which nothing is written."""
+import re
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from classification import export, int8
+from classification.predict import preprocessing
+from conftest import write_image_folder
+
+pytest.importorskip('nncf', reason='NNCF is not installed (make setup-extras)')
+pytest.importorskip('openvino', reason='OpenVINO is not installed (make setup-extras)')
+
+CLASSES = ['bar', 'disc', 'noise']  # write_image_folder's classes, in ImageFolder's sorted order
+
+
+def test_labels_come_from_class_subfolders_only_where_they_name_the_models_classes(tmp_path):
+    files = [tmp_path / name / f'{index}.png' for name in ('disc', 'bar') for index in range(2)]
+    assert int8.class_indices(files, tmp_path, ['bar', 'disc'], 2) == (
+        {'bar': 0, 'disc': 1}, "labels from the subfolders, by the checkpoint's classes")
+    assert int8.class_indices(files, tmp_path, None, 2) == (
+        {'bar': 0, 'disc': 1}, 'labels from the subfolders, in sorted order')
+    assert int8.class_indices(files, tmp_path, None, 1000) == (None, 'no labels (2 subfolders for a model of 1000 '
+                                                                     'classes)')
+    assert int8.class_indices(files, tmp_path, ['cat', 'dog'], 2) == (
+        None, "no labels (subfolders not among the checkpoint's classes: bar, disc)")
+    assert int8.class_indices([tmp_path / 'a.png', tmp_path / 'disc' / 'b.png'], tmp_path, None, 2) == (
+        None, 'no labels (the images are not all in one subfolder per class)')
+
+
+def test_too_few_calibration_images_stop_before_tracing(tmp_path, monkeypatch):
+    def not_reached(*args, **kwargs):
+        raise AssertionError('the export traced the model')
+
+    monkeypatch.setattr(export, 'trace', not_reached)
+    images = write_image_folder(tmp_path / 'images', train_per_class=3, val_per_class=0, corrupt=True)
+    with pytest.raises(SystemExit) as stop:
+        export.main(['--model', 'fat_b0', '--format', 'openvino', '--output', str(tmp_path / 'out' / 'fat_b0.xml'),
+                     '--img-size', '64', '--int8', '--calibration-data', str(images / 'train')])
+    assert stop.value.code == (f'error: --calibration-data {images / "train"}: 9 readable images (3 skipped); INT8 '
+                               'needs at least 50, to calibrate on and to hold out for checking the quantized model')
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.slow
+def test_int8_export_reports_its_agreement_and_is_written_only_above_the_floor(tmp_path, capsys, monkeypatch):
+    torch.manual_seed(0)
+    checkpoint = tmp_path / 'fat_b0_64px.pth'  # what the trainer saves, as far as the export reads it
+    torch.save(dict(model=timm.create_model('fat_b0', num_classes=3).state_dict(), classes=CLASSES,
+                    config='DATA:\n  IMG_SIZE: 64\n'), checkpoint)
+    images = write_image_folder(tmp_path / 'images', train_per_class=20, val_per_class=0, corrupt=True) / 'train'
+    output = tmp_path / 'out' / 'fat_b0_int8.xml'
+    export.main(['--model', 'fat_b0', '--checkpoint', str(checkpoint), '--format', 'openvino', '--output',
+                 str(output), '--img-size', '64', '--int8', '--calibration-data', str(images), '--min-agreement', '0'])
+    printed = capsys.readouterr().out
+    assert ('calibration data: 48 images to calibrate on, 12 held out (3 unreadable skipped; labels from the '
+            "subfolders, by the checkpoint's classes)") in printed
+    assert f'wrote {output} and {output.with_suffix(".bin")} (fat_b0, openvino, INT8, inference form)' in printed
+    errors = [float(line.rsplit(' ', 1)[1]) for line in printed.splitlines() if 'float32 vs PyTorch' in line]
+    assert len(errors) == 2 and max(errors) <= 1e-4
+    assert sorted(path.name for path in output.parent.iterdir()) == ['fat_b0_int8.bin', 'fat_b0_int8.xml']
+    assert 'FakeQuantize' in output.read_text()  # quantized, not the float32 model renamed
+
+    # the printed figures, recomputed from the written model on the same held-out images
+    found = re.search(r'INT8 vs float32 on 12 held-out images: top-1 agreement ([\d.]+)%; top-1 ([\d.]+)% '
+                      r'\(float32 ([\d.]+)%\)', printed)
+    assert found, printed
+    data = int8.read_calibration_data(images, preprocessing('fat_b0', None, 64), int8.CALIBRATION_SAMPLES, CLASSES, 3)
+    model = export.build_model('fat_b0', checkpoint)
+    with torch.no_grad():
+        expected = model(data.held_out).argmax(-1)
+    actual = torch.from_numpy(export.load_runtime(output, 'openvino')(data.held_out.numpy())).argmax(-1)
+    figures = [(actual == expected), (actual == data.held_out_labels), (expected == data.held_out_labels)]
+    assert [float(value) for value in found.groups()] == pytest.approx(
+        [100 * figure.float().mean().item() for figure in figures], abs=0.05)
+
+    # below --min-agreement: an error with the figure, and the INT8 model already at the path left as it was (the
+    # float32 export and the quantization stand in by copies of it: the floor is under test)
+    written = {suffix: output.with_suffix(suffix).read_bytes() for suffix in ('.xml', '.bin')}
+
+    def copy_written(path: Path, *args, **kwargs) -> bool:
+        for suffix, content in written.items():
+            path.with_suffix(suffix).write_bytes(content)
+        return True
+
+    monkeypatch.setattr(export, 'trace', lambda *args, **kwargs: None)
+    monkeypatch.setattr(export, 'export', lambda model, path, *args, **kwargs: copy_written(path))
+    monkeypatch.setattr(int8, 'quantize', lambda fp32_xml, path, calibration: copy_written(path))
+    monkeypatch.setattr(int8, 'check_held_out', lambda *args: int8.HeldOutResult(12, 0.5, None, None))
+    with pytest.raises(SystemExit) as stop:
+        export.main(['--model', 'fat_b0', '--checkpoint', str(checkpoint), '--format', 'openvino', '--output',
+                     str(output), '--img-size', '64', '--int8', '--calibration-data', str(images), '--no-verify'])
+    assert stop.value.code == ('error: the INT8 model agrees with float32 on 50.0% of the held-out images, less '
+                               'than --min-agreement 0.9; nothing written')
+    assert {suffix: output.with_suffix(suffix).read_bytes() for suffix in written} == written
+    assert sorted(path.name for path in output.parent.iterdir()) == ['fat_b0_int8.bin', 'fat_b0_int8.xml']
