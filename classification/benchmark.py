@@ -241,10 +241,44 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# the instruction-set features that decide CPU runtimes' speed (and INT8's, bf16's), by their /proc/cpuinfo flags
+CPU_FEATURES = {'AVX2': ('avx2',), 'AVX-512': ('avx512f',), 'VNNI': ('avx512_vnni', 'avx_vnni'), 'AMX': ('amx_tile',),
+                'bf16': ('avx512_bf16', 'amx_bf16')}
+
+
+def cpu_features(cpuinfo: Optional[str] = None) -> Dict[str, bool]:
+    """Which of ``CPU_FEATURES`` the CPU has, from the flags of ``cpuinfo`` (default: /proc/cpuinfo); empty where
+    the flags are not readable (not Linux)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path('/proc/cpuinfo').read_text()
+        except OSError:
+            return {}
+    for line in cpuinfo.splitlines():
+        if line.startswith('flags'):
+            flags = set(line.split(':', 1)[1].split())
+            return {name: any(flag in flags for flag in names) for name, names in CPU_FEATURES.items()}
+    return {}
+
+
+def describe_cpu(machine: Dict) -> str:
+    """The CPU and its instruction-set features, e.g. ``AMD EPYC (AVX2; no AVX-512, VNNI, AMX, bf16)``."""
+    features = machine.get('cpu_features') or {}
+    if not features:
+        return f"{machine['cpu']} (instruction set not read)"
+    present = ', '.join(name for name, has in features.items() if has)
+    absent = ', '.join(name for name, has in features.items() if not has)
+    return f"{machine['cpu']} ({'; '.join(filter(None, (present, absent and 'no ' + absent)))})"
+
+
+def machine_where(machine: Dict) -> str:
+    return machine.get('gpu') or f"{describe_cpu(machine)}, {machine['threads']} threads"
+
+
 def machine_description(device: torch.device, threads: Optional[int], backends: Sequence[str] = ()) -> Dict:
     description = dict(
         date=datetime.date.today().isoformat(), torch=torch.__version__, timm=timm.__version__,
-        cpu=cpu_model_name(), cpu_count=os.cpu_count())
+        cpu=cpu_model_name(), cpu_features=cpu_features(), cpu_count=os.cpu_count())
     for backend in backends:
         if backend in RUNTIMES:
             description[backend] = importlib.metadata.version(backend)
@@ -486,8 +520,7 @@ def plot_accuracy_against_throughput(result: Dict, path: Path):
         for row in chosen:
             axes.annotate(row['model'], (row[f'throughput_b{batch_size}'], row['top1']), fontsize=7,
                           xytext=(3, 3), textcoords='offset points')
-    machine = result['machine']
-    where = machine.get('gpu') or f"{machine['cpu']}, {machine['threads']} threads"
+    where = machine_where(result['machine'])
     axes.set_xlabel(f'throughput, batch {batch_size} (images/s, {backend}, {where})')
     axes.set_ylabel('published ImageNet-1K top-1 (%)')
     axes.legend()
@@ -586,7 +619,7 @@ def main(argv: Optional[Sequence[str]] = None):
     args = parse_args(argv)
     result = run(args)
     machine = result['machine']
-    where = machine.get('gpu') or f"{machine['cpu']}, {machine['threads']} threads"
+    where = machine_where(machine)
     runtimes = ''.join(f', {backend} {machine[backend]}' for backend in RUNTIMES if backend in machine)
     print(f"{machine['date']}, {where}, torch {machine['torch']}, timm {machine['timm']}{runtimes}; "
           f"load average {result['load_average']['before']} before, {result['load_average']['after']} after")

@@ -444,3 +444,16 @@ def test_benchmark_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         benchmark.main(argv)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('flags, described', [
+    ('fpu avx avx2 fma', 'AMD EPYC (AVX2; no AVX-512, VNNI, AMX, bf16)'),
+    ('avx2 avx512f avx512_vnni avx512_bf16 amx_tile amx_bf16', 'AMD EPYC (AVX2, AVX-512, VNNI, AMX, bf16)'),
+    ('avx2 avx_vnni', 'AMD EPYC (AVX2, VNNI; no AVX-512, AMX, bf16)'),
+    ('neon asimd', 'AMD EPYC (no AVX2, AVX-512, VNNI, AMX, bf16)'),
+])
+def test_benchmark_states_the_cpus_instruction_set(flags, described):
+    features = benchmark.cpu_features(f'processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: {flags}\n')
+    assert benchmark.describe_cpu(dict(cpu='AMD EPYC', cpu_features=features)) == described
+    assert benchmark.describe_cpu(dict(cpu='M2', cpu_features=benchmark.cpu_features('no flags here'))) == \
+        'M2 (instruction set not read)'
