@@ -4,6 +4,8 @@
         --output PATH [--img-size N] [--training-form] [--no-verify]
         [--opset 18] [--exporter dynamo|torchscript]        (ONNX only)
         [--int8 --calibration-data DIR [--calibration-samples 300] [--min-agreement 0.9]]    (OpenVINO only)
+    python -m classification.export --model fat_b0 [--checkpoint PATH] --format torch-export|coreml|litert|tensorrt
+        --output PATH [--img-size N] [--no-verify]                                          (through timmx)
 
 The model (its inference form, ``timm.utils.reparameterize_model``, unless ``--training-form``) is traced once by
 ``torch.export`` with a dynamic batch, height and width (from 33 pixels); each format converts that one program:
@@ -29,6 +31,9 @@ error: max |difference| / max |PyTorch output|); it exits non-zero if an error e
 Files are written under a temporary name and renamed when complete, so a failed export leaves no partial file and
 an export to an existing path replaces it.
 
+``TIMMX_FORMATS`` are written by timmx (timm's exporter) from the model and weights loaded here, at the example's
+size; the command checks torch.export's archive against PyTorch as above, timmx the others where their runtime runs.
+
 ``--int8`` writes an INT8 OpenVINO model instead (``classification.int8``: NNCF's post-training quantization,
 calibrated on images of ``--calibration-data``): after the float32 export and its check, the command quantizes it,
 prints the INT8 model's top-1 agreement with float32 on held-out images of the folder (and both models' top-1 there
@@ -39,6 +44,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -62,6 +68,11 @@ MAX_EXECUTORCH_SIZE_FACTOR = 2  # an ExecuTorch program takes heights and widths
 
 
 FORMATS = {'onnx': '.onnx', 'openvino': '.xml', 'executorch': '.pte'}  # the file each writes
+# the formats that timmx, timm's maintained exporter (tests/test_timmx.py), writes for this command, from the model
+# and weights it loads: at the example's height and width, which its ONNX, OpenVINO and ExecuTorch exports also fix
+# (so that those three stay this module's, with any height and width). torch.export's takes any batch.
+TIMMX_FORMATS = {'torch-export': '.pt2', 'coreml': '.mlpackage', 'litert': '.tflite', 'tensorrt': '.engine'}
+SUFFIXES = {**FORMATS, **TIMMX_FORMATS}
 
 
 class RuntimeMissing(RuntimeError):
@@ -70,6 +81,18 @@ class RuntimeMissing(RuntimeError):
 
 def require(fmt: str):
     """Import the packages a format needs, or raise RuntimeMissing naming them."""
+    if fmt in TIMMX_FORMATS:
+        try:
+            dependencies.require('timmx', 'deploy', f'--format {fmt}')
+        except dependencies.MissingDependency as error:
+            raise RuntimeMissing(str(error)) from None
+        from timmx.export import create_builtin_registry
+
+        status = create_builtin_registry().get(fmt).check_dependencies()
+        if not status.available:
+            raise RuntimeMissing(f'--format {fmt} needs {", ".join(status.missing_packages)}, which timmx converts '
+                                 f'with: {status.install_hint}')
+        return
     modules = {'onnx': ('onnx', 'onnxscript', 'onnxruntime'), 'openvino': ('openvino',),
                'executorch': ('executorch.exir', 'executorch.runtime')}[fmt]
     for module in modules:
@@ -242,6 +265,24 @@ def export_executorch(traced: Traced, output: Path):
         staged.write_bytes(lowered.buffer)
 
 
+def export_with_timmx(model: torch.nn.Module, name: str, output: Path, fmt: str, img_size: int):
+    """Write ``model`` (registered as ``name``, in its training form: timmx folds it) in the timmx format ``fmt``
+    to ``output`` for ``img_size`` images, through a state dict that timm's loader reads; a failed export leaves
+    nothing, a successful one replaces ``output``."""
+    import timmx
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f'.{output.stem}.') as folder:
+        weights, staged = Path(folder) / 'weights.pth', Path(folder) / output.name
+        torch.save(model.state_dict(), weights)
+        options = dict(dynamic_batch=True, batch_size=2) if fmt == 'torch-export' else {}
+        timmx.export_model(fmt, name, checkpoint=weights, num_classes=model.num_classes,
+                           input_size=(3, img_size, img_size), output=staged, **options)
+        if output.is_dir():  # a Core ML package
+            shutil.rmtree(output)
+        os.replace(staged, output)
+
+
 def check_size(img_size: int):
     """Raise ValueError if the example size is too small for a dynamic-size trace."""
     if img_size < 33:
@@ -283,6 +324,13 @@ def load_runtime(path: Path, fmt: str, threads: Optional[int] = None) -> Callabl
         session = onnxruntime.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
         name = session.get_inputs()[0].name
         return lambda images: session.run(None, {name: images})[0]
+    if fmt == 'torch-export':
+        program = torch.export.load(str(path)).module()
+
+        def run_program(images: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return program(torch.from_numpy(images)).numpy()
+        return run_program
     if fmt == 'openvino':
         config = {'INFERENCE_PRECISION_HINT': 'f32', 'PERFORMANCE_HINT': 'LATENCY'}
         if threads:
@@ -332,9 +380,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--model', required=True, choices=names, metavar='NAME', help=f'one of {", ".join(names)}')
     parser.add_argument('--checkpoint', type=Path, help='weights to export (the authors\' or this project\'s, or '
                                                         'a folder of classification.publish)')
-    parser.add_argument('--format', required=True, choices=tuple(FORMATS), dest='fmt')
+    parser.add_argument('--format', required=True, choices=tuple(SUFFIXES), dest='fmt',
+                        help=f'{", ".join(FORMATS)}; through timmx: {", ".join(TIMMX_FORMATS)}')
     parser.add_argument('--output', type=Path, required=True,
-                        help='the file to write: .onnx, .xml (OpenVINO; its .bin beside it) or .pte')
+                        help='the file to write: ' + ', '.join(f'{suffix} ({fmt})' for fmt, suffix in SUFFIXES.items())
+                             + '; OpenVINO\'s .bin beside its .xml')
     parser.add_argument('--img-size', type=int,
                         help='size of the example input (default: the model\'s, pretrained_cfg input_size)')
     parser.add_argument('--training-form', action='store_true',
@@ -372,10 +422,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error('--opset and --exporter apply to --format onnx only')
     args.exporter = args.exporter or 'dynamo'
     args.opset = args.opset if args.opset is not None else MIN_OPSET[args.exporter]
-    if args.output.suffix != FORMATS[args.fmt]:
-        parser.error(f'--output of --format {args.fmt} must end in {FORMATS[args.fmt]}, got {args.output}')
-    if args.output.is_dir():
+    if args.output.suffix != SUFFIXES[args.fmt]:
+        parser.error(f'--output of --format {args.fmt} must end in {SUFFIXES[args.fmt]}, got {args.output}')
+    if args.output.is_dir() and args.fmt != 'coreml':
         parser.error(f'--output {args.output} is a directory')
+    if args.fmt in TIMMX_FORMATS and args.training_form:
+        parser.error(f'--format {args.fmt} goes through timmx, which exports the inference form')
     if args.checkpoint is not None and not args.checkpoint.exists():
         parser.error(f'--checkpoint {args.checkpoint}: no such file or folder')
     if args.img_size is None:
@@ -393,10 +445,14 @@ def main(argv: Optional[Sequence[str]] = None):
     args = parse_args(argv)
     logging.basicConfig(format='%(message)s')
     logging.getLogger(load_weights.__module__).setLevel(logging.INFO)  # its line naming the weights it took
-    try:
-        model = build_model(args.model, args.checkpoint, deploy=not args.training_form)
+    through_timmx = args.fmt in TIMMX_FORMATS
+    try:  # timmx folds the model itself, from the training form's weights
+        model = build_model(args.model, args.checkpoint, deploy=not (args.training_form or through_timmx))
     except (CheckpointError, UnsafeCheckpointError) as error:
         sys.exit(f'error: {error}')
+    if through_timmx:
+        main_through_timmx(args, model)
+        return
     calibration = None
     if args.int8:
         from .predict import preprocessing  # predict imports this module
@@ -443,11 +499,30 @@ def main(argv: Optional[Sequence[str]] = None):
               f'{args.img_size}x{args.img_size} images only (any batch)')
     if args.no_verify:
         return
+    report_errors(args.fmt, f'{args.fmt}{" float32" if args.int8 else ""}', shapes, errors)
+
+
+def main_through_timmx(args: argparse.Namespace, model: torch.nn.Module):
+    import timmx
+
+    try:
+        export_with_timmx(model, args.model, args.output, args.fmt, args.img_size)
+    except timmx.TimmxError as error:
+        sys.exit(f'error: timmx: {error}')
+    print(f'wrote {args.output} ({args.model}, {args.fmt} through timmx {timmx.__version__}, inference form, '
+          f'{args.img_size}x{args.img_size} images{", any batch" if args.fmt == "torch-export" else ", batch 1"})')
+    if args.no_verify or args.fmt != 'torch-export':
+        return  # timmx compared the others with PyTorch where their runtime runs
+    shapes = verify_shapes(args.img_size, dynamic_size=False)
+    report_errors(args.fmt, args.fmt, shapes, verify(model, args.output, args.fmt, shapes))
+
+
+def report_errors(fmt: str, label: str, shapes: Sequence[Tuple[int, int, int, int]], errors: Sequence[float]):
+    """Print each check's relative error; exit non-zero if one exceeds ``VERIFY_TOLERANCE``."""
     for shape, error in zip(shapes, errors):
-        print(f'{args.fmt}{" float32" if args.int8 else ""} vs PyTorch, input {shape}: relative error {error:.2e}')
+        print(f'{label} vs PyTorch, input {shape}: relative error {error:.2e}')
     if max(errors) > VERIFY_TOLERANCE:
-        sys.exit(f'error: {args.fmt} differs from PyTorch by {max(errors):.2e} relative, more than '
-                 f'{VERIFY_TOLERANCE:g}')
+        sys.exit(f'error: {fmt} differs from PyTorch by {max(errors):.2e} relative, more than {VERIFY_TOLERANCE:g}')
 
 
 def quantize_and_check(args: argparse.Namespace, model: torch.nn.Module, fp32_xml: Path,

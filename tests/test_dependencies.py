@@ -55,3 +55,12 @@ def test_an_int8_export_without_nncf_names_the_make_target(monkeypatch, capsys):
                      '.'])
     assert re.search(r'--int8 needs nncf, which does not import .*`make setup-extras` .*'
                      r'pip install "fat-vit\[deploy\]"', capsys.readouterr().err)
+
+
+def test_a_timmx_format_without_its_converter_names_what_installs_it(monkeypatch, capsys):
+    pytest.importorskip('timmx', reason='timmx is not installed (make setup-extras)')
+    monkeypatch.setitem(sys.modules, 'coremltools', None)
+    with pytest.raises(SystemExit):
+        export.main(['--model', 'fat_b0', '--format', 'coreml', '--output', 'x.mlpackage'])
+    assert "error: --format coreml needs coremltools, which timmx converts with: pip install 'timmx[coreml]'" in \
+        capsys.readouterr().err

@@ -257,6 +257,9 @@ def test_export_names_a_checkpoint_of_another_variant(tmp_path, monkeypatch):
     (['--format', 'openvino', '--output', 'x.xml', '--calibration-data', '.'], '--calibration-data applies to --int8'),
     (['--format', 'openvino', '--output', 'x.xml', '--int8', '--calibration-data', '.', '--min-agreement', '1.5'],
      '--min-agreement within [0, 1]'),
+    (['--format', 'coreml', '--output', 'x.onnx'], '--output of --format coreml must end in .mlpackage'),
+    (['--format', 'torch-export', '--output', 'x.pt2', '--training-form'],
+     '--format torch-export goes through timmx, which exports the inference form'),
 ])
 def test_export_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):

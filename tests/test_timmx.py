@@ -1,7 +1,10 @@
 """timm's maintained exporter, timmx, over our registered models as it calls every timm model: by name, built in
 training mode, fused with ``timm.utils.reparameterize_model`` before ``eval()`` (which FAT's fusion once refused),
 with a checkpoint read by timm's own loader. The full models, static at one 64-pixel image: ExecuTorch's lowering of
-the ablation model and of LVT is tested here only (tests/test_deploy.py lowers FAT-B0's bounded dynamic program)."""
+the ablation model and of LVT is tested here only (tests/test_deploy.py lowers FAT-B0's bounded dynamic program).
+Then the export command's formats that timmx writes for it (``export.TIMMX_FORMATS``)."""
+import re
+
 import pytest
 import timm
 import torch
@@ -27,3 +30,29 @@ def test_timmx_exports_the_model_by_name_and_its_runtime_agrees_with_pytorch(nam
                                 output=tmp_path / f'{name}{export.FORMATS[fmt]}', **options)
     errors = export.verify(model, output, fmt, [(1, 3, 64, 64)])
     assert max(errors) <= 1e-4, errors
+
+
+def test_export_command_through_timmx_with_the_projects_loader(tmp_path, capsys):
+    """torch.export (any batch, checked here within 1e-4) from a checkpoint of another classifier, written twice
+    to one path, and Core ML (converted; its runtime needs macOS), each leaving only its output."""
+    torch.manual_seed(0)
+    checkpoint = tmp_path / 'fat_b0_3_classes.pth'  # the trainer's layout, which timm's own loader would not map
+    torch.save(dict(model=randomize_norms(timm.create_model('fat_b0', num_classes=3)).state_dict(),
+                    classes=['a', 'b', 'c']), checkpoint)
+    out = tmp_path / 'out'
+    program = out / 'fat_b0.pt2'
+    for _ in range(2):
+        export.main(['--model', 'fat_b0', '--checkpoint', str(checkpoint), '--format', 'torch-export', '--output',
+                     str(program), '--img-size', '64'])
+        printed = capsys.readouterr().out
+        assert re.search(rf'wrote {program} \(fat_b0, torch-export through timmx [\d.]+, inference form, 64x64 '
+                         r'images, any batch\)', printed), printed
+        errors = [float(line.rsplit(' ', 1)[1]) for line in printed.splitlines() if 'relative error' in line]
+        assert len(errors) == 2 and max(errors) <= 1e-4
+    assert torch.export.load(str(program)).module()(torch.randn(2, 3, 64, 64)).shape == (2, 3)
+    package = out / 'fat_b0.mlpackage'
+    export.main(['--model', 'fat_b0', '--checkpoint', str(checkpoint), '--format', 'coreml', '--output', str(package),
+                 '--img-size', '64'])
+    assert f'wrote {package} (fat_b0, coreml through timmx' in capsys.readouterr().out
+    assert (package / 'Manifest.json').is_file()
+    assert sorted(path.name for path in out.iterdir()) == ['fat_b0.mlpackage', 'fat_b0.pt2']
