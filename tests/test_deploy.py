@@ -107,6 +107,7 @@ def test_deploy_form_keeps_channels_last_and_features():
         assert relative_error(feature, reference) <= 1e-5
 
 
+@pytest.mark.slow  # traces as the exporters do: left out of the fast tier with the exports
 def test_exported_graphs_take_the_runtime_friendly_attention_and_overlap_add():
     """What torch.export and torch.jit.trace (the TorchScript ONNX exporter's tracer) record: FASA's channels-first
     attention and CSA's overlap-add by transposed convolution, equal to the eager paths to float rounding."""
@@ -356,6 +357,7 @@ def run_openvino_failure_paths(folder, plugin: str) -> list:
     return run_ok(command).stdout.splitlines()[-3:]
 
 
+@pytest.mark.slow  # runs a process of its own: left out of the fast tier
 def test_models_of_a_strict_plugin_freed_after_failures_leave_a_valid_signal_stack(tmp_path):
     """Freed out of a failed benchmark block, the models of a plugin that reinstalls the stack each found crashed
     the next handled signal while the protection was the block's (kept_signal_stack around it): the second model

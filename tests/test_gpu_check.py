@@ -135,6 +135,7 @@ def test_missing_packages_come_from_the_wheels_or_are_named(tmp_path, monkeypatc
     assert (with_wheels.site / name / '__init__.py').exists()
 
 
+@pytest.mark.slow  # runs a process of its own: left out of the fast tier
 def test_bad_report_or_work_folder_stops_with_one_line(tmp_path):
     not_a_folder = tmp_path / 'file'
     not_a_folder.write_text('')

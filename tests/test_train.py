@@ -189,6 +189,7 @@ def test_a_config_not_found_here_is_taken_from_the_packaged_configs(tmp_path, mo
     assert 'config file not found: classification/fat_b9.yaml' in exit_message('--cfg', 'classification/fat_b9.yaml')
 
 
+@pytest.mark.slow  # runs a process of its own: left out of the fast tier
 def test_trainer_benchmark_runs_this_copys_trainer_and_config(tmp_path):
     """Both runs start from the folder that holds this code's package, the trainer by its module name and the
     packaged config (in the checkout: classification.train, configs/; installed: fat_vit.classification.train,
