@@ -488,6 +488,8 @@ def main(argv: Optional[Sequence[str]] = None):
             errors = verify(model, written_to, args.fmt, shapes)
             steps.update()
         if args.int8:
+            if not args.no_verify and max(errors) > VERIFY_TOLERANCE:
+                report_errors(args.fmt, f'{args.fmt} float32', shapes, errors)  # exits: nothing is quantized
             quantize_and_check(args, model, written_to, calibration, steps)
     steps.close()
     written = [args.output] + ([args.output.with_suffix('.bin')] if args.fmt == 'openvino' else [])
