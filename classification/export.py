@@ -183,13 +183,15 @@ def check_opset(exporter: str, opset: int):
 
 @contextlib.contextmanager
 def _replacing(output: Path, suffixes: Sequence[str]) -> Iterator[Path]:
-    """A temporary path beside ``output`` to write to; on success the files of ``suffixes`` written there replace
-    ``output``'s (``output`` with each suffix), on failure they are removed."""
+    """A temporary path beside ``output`` to write to; on success the files (or folders: a Core ML package) of
+    ``suffixes`` written there replace ``output``'s (``output`` with each suffix), on failure they are removed."""
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f'.{output.stem}.') as folder:
         staged = Path(folder) / output.name
         yield staged
         for suffix in suffixes:
+            if output.with_suffix(suffix).is_dir():
+                shutil.rmtree(output.with_suffix(suffix))
             os.replace(staged.with_suffix(suffix), output.with_suffix(suffix))
 
 
@@ -271,16 +273,12 @@ def export_with_timmx(model: torch.nn.Module, name: str, output: Path, fmt: str,
     nothing, a successful one replaces ``output``."""
     import timmx
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f'.{output.stem}.') as folder:
-        weights, staged = Path(folder) / 'weights.pth', Path(folder) / output.name
+    with _replacing(output, [output.suffix]) as staged:
+        weights = staged.with_name('weights.pth')  # removed with the staging folder
         torch.save(model.state_dict(), weights)
         options = dict(dynamic_batch=True, batch_size=2) if fmt == 'torch-export' else {}
         timmx.export_model(fmt, name, checkpoint=weights, num_classes=model.num_classes,
                            input_size=(3, img_size, img_size), output=staged, **options)
-        if output.is_dir():  # a Core ML package
-            shutil.rmtree(output)
-        os.replace(staged, output)
 
 
 def check_size(img_size: int):
@@ -397,8 +395,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--calibration-data', type=Path, metavar='DIR',
                         help='images for --int8, read as the model evaluates (a subfolder per class: top-1 too)')
     parser.add_argument('--calibration-samples', type=int, default=int8.CALIBRATION_SAMPLES, metavar='N',
-                        help=f'images to calibrate on; the rest of the folder is held out (default: '
-                             f'{int8.CALIBRATION_SAMPLES}, at most four fifths of the folder)')
+                        help=f'images to calibrate on, the rest held out (default: {int8.CALIBRATION_SAMPLES}, at '
+                             f'most four fifths of the images read; up to {int8.MAX_HELD_OUT} more are held out)')
     parser.add_argument('--min-agreement', type=float, default=int8.MIN_AGREEMENT, metavar='F',
                         help='the least top-1 agreement of INT8 with float32 on the held-out images for the INT8 '
                              f'model to be written (default: {int8.MIN_AGREEMENT})')
