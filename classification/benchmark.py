@@ -1,13 +1,16 @@
 """Speed of FAT beside the peers of the paper's efficiency comparison, measured side by side.
 
     python -m classification.benchmark [--device cpu|cuda] [--models fat_b0 edgenext_small ...]
-        [--backend torch authors onnxruntime openvino executorch] [--threads 2] [--latency-rounds 100] [--throughput-batch-sizes 16] [--train-batch-size 128]
-        [--compile] [--output-dir DIR] [--plot]
+        [--backend torch authors onnxruntime openvino executorch] [--precision fp32 int8] [--threads 2]
+        [--latency-rounds 100] [--throughput-batch-sizes 16] [--train-batch-size 128] [--compile]
+        [--output-dir DIR] [--plot]
 
 Every model is built by timm without pretrained weights (weights do not change the timing), put into its
-inference form with ``timm.utils.reparameterize_model`` (FAT folds its BatchNorms and residual depthwise
-convolutions; peers without fusions stay as they are), made channels-last, and fed inputs of its own
-default resolution (``pretrained_cfg['input_size']``). On CUDA, forward passes run under AMP, with cuDNN's
+inference form with ``timm.utils.reparameterize_model``, as it ships for inference (FAT folds its BatchNorms and
+residual depthwise convolutions; RepViT, FastViT and the other reparameterizable peers fuse their branches; peers
+without fusions stay as they are), made channels-last, and fed inputs of its own default resolution
+(``pretrained_cfg['input_size']``). The default set is FAT-B0...B3, LVT, the FAT paper's peers and the CPU-first
+peers (``registry.PEERS``), each with the top-1 its authors publish. On CUDA, forward passes run under AMP, with cuDNN's
 autotuner on (``torch.backends.cudnn.benchmark``).
 
 The models are measured in one process, interleaved (every round runs each model once, in a shuffled order)
@@ -25,6 +28,12 @@ threads. Each backend is timed in its own block, the models taking turns within 
 after call: PyTorch's OpenMP threads keep spinning after each call and slow a runtime called right after them.
 Ratios between models are taken within a backend; ``--compare-backends`` adds the ratio of one model's median
 latency in one backend to another's in another backend (two blocks of the same run).
+
+``--precision fp32 int8`` adds a block of INT8 models for each runtime that quantizes (OpenVINO, block
+``openvino-int8``): each float32 program quantized by ``classification.int8`` (NNCF, the preset and model type of
+``export --int8``), calibrated on ``INT8_CALIBRATION_IMAGES`` random images. Calibration values change the
+quantization scales, not the graph that runs, so the latency is the INT8 model's; its accuracy is not measured here
+(``export --int8`` measures it on real images), and tables and plots give every block the published float32 top-1.
 
 With ``--train-batch-size N`` the training step is timed as well (training form, train mode, AdamW,
 cross-entropy on random labels, forward + backward + optimizer step under the same AMP, memory format and
@@ -52,7 +61,7 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.utils import reparameterize_model
 
-from . import export
+from . import dependencies, export, int8
 from .commands import program_name
 from .model_table import count_flops, count_params
 from .registry import MODELS, PEERS, compared_models, counterpart, published_top1
@@ -173,15 +182,34 @@ RUNTIMES = {'onnxruntime': 'onnx', 'openvino': 'openvino', 'executorch': 'execut
 # ``torch``: eager PyTorch as set by the options (by default the inference form, channels-last); ``authors``: eager
 # PyTorch as the models' authors run them (the training form, NCHW, no compilation).
 BACKENDS = ('torch', 'authors') + tuple(RUNTIMES)
+PRECISIONS = ('fp32', 'int8')
+INT8_RUNTIMES = ('openvino',)  # the runtimes whose models classification.int8 quantizes
+INT8_CALIBRATION_IMAGES = 32
 
 
-def runtime_models(models: Dict[str, torch.nn.Module], backend: str, batch_sizes: Sequence[int], threads: int,
+class Block(NamedTuple):
+    """Models timed together: one backend at one precision."""
+    backend: str
+    precision: str
+
+    @property
+    def name(self) -> str:
+        return self.backend if self.precision == 'fp32' else f'{self.backend}-{self.precision}'
+
+
+def blocks(backends: Sequence[str], precisions: Sequence[str]) -> List[Block]:
+    """Each backend at each precision it runs: float32 everywhere, INT8 in ``INT8_RUNTIMES``."""
+    return [Block(backend, precision) for backend in backends for precision in precisions
+            if precision == 'fp32' or backend in INT8_RUNTIMES]
+
+
+def runtime_models(models: Dict[str, torch.nn.Module], block: Block, batch_sizes: Sequence[int], threads: int,
                    folder: Path, traces: Dict) -> Dict[int, Dict[str, Callable]]:
     """Per batch size, each model (in its inference form) exported by ``classification.export`` for that batch of
-    images at its own resolution (static shapes, as a deployed model runs) and loaded in ``backend``'s runtime; a
-    model that fails to export or load is left out with a message. ``traces`` keeps the static programs, which
-    every runtime converts, from one backend to the next."""
-    fmt = RUNTIMES[backend]
+    images at its own resolution (static shapes, as a deployed model runs), quantized for an INT8 block, and loaded
+    in the block's runtime; a model that fails to export, quantize or load is left out with a message. ``traces``
+    keeps the static programs, which every runtime converts, from one block to the next."""
+    fmt = RUNTIMES[block.backend]
     runners: Dict[int, Dict[str, Callable]] = {batch_size: {} for batch_size in batch_sizes}
     for name, model in models.items():
         input_size = model.pretrained_cfg['input_size'][-1]
@@ -191,9 +219,14 @@ def runtime_models(models: Dict[str, torch.nn.Module], backend: str, batch_sizes
                 if (name, batch_size) not in traces:
                     traces[name, batch_size] = export.trace(model, input_size, fmt, batch_size=batch_size)
                 export.export(model, path, fmt, input_size, traced=traces[name, batch_size])
+                if block.precision == 'int8':
+                    calibration = torch.randn(INT8_CALIBRATION_IMAGES, 3, input_size, input_size,
+                                              generator=torch.Generator().manual_seed(0))
+                    path = int8.quantize(path, path.with_name(f'{path.stem}_int8{path.suffix}'), calibration,
+                                         batch_size=batch_size)
                 runners[batch_size][name] = export.load_runtime(path, fmt, threads)
             except Exception as error:  # noqa: BLE001  (a peer that a runtime cannot take is reported, not fatal)
-                print(f'{backend}: {name} at batch {batch_size} left out ({type(error).__name__}: '
+                print(f'{block.name}: {name} at batch {batch_size} left out ({type(error).__name__}: '
                       f'{str(error).splitlines()[0][:200]})')
     return runners
 
@@ -297,14 +330,16 @@ def _load_average() -> Optional[float]:
 
 
 def time_backend(backend: str, args: argparse.Namespace, models: Dict[str, torch.nn.Module], device: torch.device,
-                 amp_dtype: Optional[torch.dtype], traces: Dict) -> Dict[str, Dict[str, List[float]]]:
-    """Seconds per round of every model in one backend, per figure (``latency_ms``, ``throughput_bN``, ...);
-    ``traces``: see ``runtime_models``."""
+                 amp_dtype: Optional[torch.dtype], traces: Dict,
+                 precision: str = 'fp32') -> Dict[str, Dict[str, List[float]]]:
+    """Seconds per round of every model in one backend at one precision, per figure (``latency_ms``,
+    ``throughput_bN``, ...); ``traces``: see ``runtime_models``."""
     input_sizes = {name: model.pretrained_cfg['input_size'][-1] for name, model in models.items()}
     if backend in RUNTIMES:
         batch_sizes = [1, *args.throughput_batch_sizes]
-        with tempfile.TemporaryDirectory(prefix=f'benchmark-{backend}-') as folder:
-            runners = runtime_models(models, backend, batch_sizes, args.threads, Path(folder), traces)
+        block = Block(backend, precision)
+        with tempfile.TemporaryDirectory(prefix=f'benchmark-{block.name}-') as folder:
+            runners = runtime_models(models, block, batch_sizes, args.threads, Path(folder), traces)
             time.sleep(1)  # let the threads of the exports' PyTorch calls go idle before timing
             timings = {}
             if args.latency_rounds:
@@ -335,10 +370,10 @@ def time_backend(backend: str, args: argparse.Namespace, models: Dict[str, torch
     return timings
 
 
-def backend_figures(backend: str, model_rows: List[Dict], timings: Dict[str, Dict[str, List[float]]],
+def backend_figures(block: Block, model_rows: List[Dict], timings: Dict[str, Dict[str, List[float]]],
                     compare: Sequence[str]) -> Tuple[List[Dict], List[Dict]]:
-    """The rows of one backend (each model's figures and their ratios to its FAT model, in this backend) and its
-    latency comparisons."""
+    """The rows of one block (each model's figures and their ratios to its FAT model, in this block) and its
+    latency comparisons; rows and comparisons name the block as their ``backend``."""
     rows = []
     for model_row in model_rows:
         if not any(model_row['model'] in times for times in timings.values()):
@@ -368,7 +403,8 @@ def backend_figures(backend: str, model_rows: List[Dict], timings: Dict[str, Dic
                 row[f'{figure}_x_fat'] = paired_ratio(times[row['model']], times[reference])
             else:
                 row[f'{figure}_x_fat'] = paired_ratio(times[reference], times[row['model']])
-        row['backend'] = backend
+        row['backend'] = block.name
+        row['precision'] = block.precision
 
     latency = timings.get('latency_ms', {})
     comparisons = []
@@ -377,7 +413,7 @@ def backend_figures(backend: str, model_rows: List[Dict], timings: Dict[str, Dic
         if first in latency and second in latency:
             per_round = [a / b for a, b in zip(latency[first], latency[second])]
             low, median, high = statistics.quantiles(per_round, n=4, method='inclusive')
-            comparisons.append(dict(backend=backend, model=first, versus=second, latency_ratio=median,
+            comparisons.append(dict(backend=block.name, model=first, versus=second, latency_ratio=median,
                                     latency_ratio_quartiles=[low, high]))
     return rows, comparisons
 
@@ -406,16 +442,17 @@ def run(args: argparse.Namespace) -> Dict:
 
     # each backend is timed in its own block, the models taking turns within it: never two runtimes call after call
     rows, comparisons, timings, traces = [], [], {}, {}
-    for backend in args.backend:
-        timings[backend] = time_backend(backend, args, runtime_forms if backend in RUNTIMES else models, device,
-                                        amp_dtype, traces)
-        backend_rows, backend_comparisons = backend_figures(backend, model_rows, timings[backend], args.compare)
+    for block in blocks(args.backend, args.precision):
+        timings[block.name] = time_backend(block.backend, args, runtime_forms if block.backend in RUNTIMES else models,
+                                           device, amp_dtype, traces, block.precision)
+        backend_rows, backend_comparisons = backend_figures(block, model_rows, timings[block.name], args.compare)
         rows += backend_rows
         comparisons += backend_comparisons
     comparisons += cross_backend_comparisons(timings, args.compare_backends)
 
     settings = dict(
-        device=args.device, backends=list(args.backend), deploy=not args.training_form,
+        device=args.device, backends=list(args.backend), precisions=list(args.precision),
+        blocks=[block.name for block in blocks(args.backend, args.precision)], deploy=not args.training_form,
         memory_format=args.memory_format, amp=args.amp, compile=args.compile, warmup=args.warmup,
         latency_rounds=args.latency_rounds, throughput_warmup=args.throughput_warmup,
         throughput_rounds=args.throughput_rounds, throughput_batch_sizes=list(args.throughput_batch_sizes),
@@ -448,12 +485,12 @@ def _cell(value: Optional[float], digits: int, ratio: Optional[float] = None) ->
 
 
 def format_table(result: Dict, markdown: bool = False) -> str:
-    """One table per backend, then the latency comparisons."""
+    """One table per block (backend and precision), then the latency comparisons."""
     batch_sizes = result['settings']['throughput_batch_sizes']
     train_batch_size = result['settings']['train_batch_size']
     latency = result['settings']['latency_rounds'] > 0
     tables = []
-    for backend in result['settings']['backends']:
+    for backend in result['settings']['blocks']:
         rows = [row for row in result['rows'] if row['backend'] == backend]
         train = train_batch_size if any(row.get(f'train_b{train_batch_size}') for row in rows) else None
         header = ['model', 'input', 'params (M)', 'GFLOPs', 'top-1 (%)'] + \
@@ -502,6 +539,55 @@ def write_outputs(result: Dict, output_dir: Path, plot: bool):
         writer.writerows(result['rows'])
     if plot:
         plot_accuracy_against_throughput(result, output_dir / 'accuracy_vs_throughput.png')
+        if result['settings']['latency_rounds']:
+            plot_accuracy_against_latency(result, output_dir / 'accuracy_vs_latency.png')
+
+
+def _model_groups(rows: Sequence[Dict]) -> List[Tuple[str, List[Dict], Dict]]:
+    """FAT, the FAT paper's peers and the CPU-first peers among ``rows``, each with its plot style."""
+    def group(row: Dict) -> str:
+        if is_fat(row['model']):
+            return 'FAT'
+        return 'CPU-first peers' if row['model'] in PEERS and PEERS[row['model']].cpu_first else 'other peers'
+    styles = {'FAT': dict(color='tab:red', marker='o', linestyle='-'),
+              'other peers': dict(color='tab:blue', marker='s', linestyle='none'),
+              'CPU-first peers': dict(color='tab:green', marker='^', linestyle='none')}
+    return [(label, [row for row in rows if group(row) == label], style) for label, style in styles.items()
+            if any(group(row) == label for row in rows)]
+
+
+def plot_accuracy_against_latency(result: Dict, path: Path):
+    """Published top-1 against batch-1 latency, one panel per block (backend and precision)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    names = result['settings']['blocks']
+    columns = min(2, len(names))
+    rows_of_panels = -(-len(names) // columns)
+    figure, panels = plt.subplots(rows_of_panels, columns, figsize=(6.5 * columns, 4.5 * rows_of_panels),
+                                  squeeze=False, sharex=True, sharey=True)
+    for axes in panels.flat[len(names):]:
+        axes.set_visible(False)
+    for axes, block in zip(panels.flat, names):
+        rows = [row for row in result['rows']
+                if row['backend'] == block and row['top1'] is not None and row['latency_ms'] is not None]
+        for label, chosen, style in _model_groups(rows):
+            axes.plot([row['latency_ms'] for row in chosen], [row['top1'] for row in chosen], label=label, **style)
+            for row in chosen:
+                axes.annotate(row['model'], (row['latency_ms'], row['top1']), fontsize=6, xytext=(3, 3),
+                              textcoords='offset points')
+        axes.set_title(block, fontsize=9)
+        axes.set_xlabel('batch-1 latency (ms)')
+        axes.xaxis.set_tick_params(labelbottom=True)
+        axes.grid(alpha=.3)
+    for axes in panels[:, 0]:
+        axes.set_ylabel('published ImageNet-1K top-1 (%, float32)')
+    panels[0][0].legend(fontsize=7)
+    figure.suptitle(f'{machine_where(result["machine"])}, {result["machine"]["date"]}', fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=150)
+    plt.close(figure)
 
 
 def plot_accuracy_against_throughput(result: Dict, path: Path):
@@ -513,10 +599,9 @@ def plot_accuracy_against_throughput(result: Dict, path: Path):
     backend = result['settings']['backends'][0]
     rows = [row for row in result['rows'] if row['top1'] is not None and row['backend'] == backend]
     figure, axes = plt.subplots(figsize=(6, 4))
-    for fat_rows, style in ((True, dict(color='tab:red', marker='o')), (False, dict(color='tab:blue', marker='s'))):
-        chosen = [row for row in rows if is_fat(row['model']) == fat_rows]
-        axes.plot([row[f'throughput_b{batch_size}'] for row in chosen], [row['top1'] for row in chosen],
-                  linestyle='-' if fat_rows else 'none', label='FAT' if fat_rows else 'peers', **style)
+    for label, chosen, style in _model_groups(rows):
+        axes.plot([row[f'throughput_b{batch_size}'] for row in chosen], [row['top1'] for row in chosen], label=label,
+                  **style)
         for row in chosen:
             axes.annotate(row['model'], (row[f'throughput_b{batch_size}'], row['top1']), fontsize=7,
                           xytext=(3, 3), textcoords='offset points')
@@ -537,11 +622,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help=f'where the models run, each timed in its own block: {", ".join(BACKENDS)} (default: '
                              'torch; authors: the training form, NCHW, eager, as the authors run it; the runtimes '
                              'run the inference form exported by classification.export, on the CPU)')
+    parser.add_argument('--precision', nargs='+', choices=PRECISIONS, default=['fp32'], metavar='PRECISION',
+                        help=f'fp32, int8 (default: fp32); int8 is timed in {", ".join(INT8_RUNTIMES)}, each model '
+                             'quantized by NNCF as export --int8 does, in a block of its own (e.g. openvino-int8)')
     parser.add_argument('--compare-backends', nargs='*', metavar='B/A:B/A',
                         help='pairs BACKEND/MODEL:BACKEND/MODEL whose latency ratio is printed (default: fat_b0 in '
                              'each backend against fat_b0 in authors, when measured)')
     parser.add_argument('--models', nargs='+', metavar='NAME', default=compared_models() + tuple(PEERS),
-                        help='timm model names (default: FAT-B0...B3, LVT and the FAT paper\'s other peers)')
+                        help='timm model names (default: FAT-B0...B3, LVT, the FAT paper\'s other peers and the '
+                             'CPU-first peers)')
     parser.add_argument('--threads', type=int, default=2, help='CPU threads (default: 2)')
     parser.add_argument('--warmup', type=int, default=10, help='warm-up passes per model (default: 10)')
     parser.add_argument('--latency-rounds', type=int, default=100,
@@ -565,7 +654,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              f'(default: {" ".join(DEFAULT_COMPARISONS)})')
     parser.add_argument('--output-dir', type=Path, help='write benchmark.csv and benchmark.json here')
     parser.add_argument('--plot', action='store_true',
-                        help='also write accuracy_vs_throughput.png to --output-dir (needs matplotlib)')
+                        help='also write accuracy_vs_throughput.png (the first block) and accuracy_vs_latency.png '
+                             '(a panel per block) to --output-dir (needs matplotlib)')
     parser.add_argument('--markdown', action='store_true', help='print a Markdown table')
     args = parser.parse_args(argv)
 
@@ -606,9 +696,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             export.require(RUNTIMES[backend])
         except export.RuntimeMissing as error:
             parser.error(str(error))
+    if len(set(args.precision)) != len(args.precision):
+        parser.error('--precision lists a precision twice')
+    if 'int8' in args.precision:
+        if not set(args.backend) & set(INT8_RUNTIMES):
+            parser.error(f'--precision int8 is timed in {", ".join(INT8_RUNTIMES)} (NNCF post-training quantization): '
+                         f'add --backend {INT8_RUNTIMES[0]}')
+        try:
+            int8.require()
+        except dependencies.MissingDependency as error:
+            parser.error(str(error))
     if args.compare_backends is None:
-        args.compare_backends = [f'{backend}/fat_b0:authors/fat_b0' for backend in args.backend
-                                 if backend != 'authors' and 'authors' in args.backend]
+        args.compare_backends = [f'{block.name}/fat_b0:authors/fat_b0' for block in blocks(args.backend, args.precision)
+                                 if block.backend != 'authors' and 'authors' in args.backend]
     for pair in args.compare_backends:
         if not re.fullmatch(r'[\w-]+/[\w.-]+:[\w-]+/[\w.-]+', pair):
             parser.error(f'--compare-backends takes pairs BACKEND/MODEL:BACKEND/MODEL, got {pair!r}')

@@ -3,7 +3,7 @@
     python -m classification.export --model fat_b0 [--checkpoint PATH] --format onnx|openvino|executorch
         --output PATH [--img-size N] [--training-form] [--no-verify]
         [--opset 18] [--exporter dynamo|torchscript]        (ONNX only)
-        [--int8 --calibration-data DIR [--calibration-samples 300] [--min-agreement 0.9]]    (OpenVINO only)
+        [--int8 --calibration-data DIR [--calibration-samples 300] [--min-agreement 0.9]]    (OpenVINO, ExecuTorch)
     python -m classification.export --model fat_b0 [--checkpoint PATH] --format torch-export|coreml|litert|tensorrt
         --output PATH [--img-size N] [--no-verify]                                          (through timmx)
 
@@ -34,10 +34,12 @@ an export to an existing path replaces it.
 ``TIMMX_FORMATS`` are written by timmx (timm's exporter) from the model and weights loaded here, at the example's
 size; the command checks torch.export's archive against PyTorch as above, timmx the others where their runtime runs.
 
-``--int8`` writes an INT8 OpenVINO model instead (``classification.int8``: NNCF's post-training quantization,
-calibrated on images of ``--calibration-data``): after the float32 export and its check, the command quantizes it,
-prints the INT8 model's top-1 agreement with float32 on held-out images of the folder (and both models' top-1 there
-where the folder has a subfolder per class), and writes it only if the agreement reaches ``--min-agreement``.
+``--int8`` writes an INT8 model instead, calibrated on images of ``--calibration-data`` (``classification.int8``):
+for OpenVINO, NNCF's post-training quantization of the float32 export, after its check; for ExecuTorch, timmx's
+XNNPACK quantization (PyTorch's PT2E static quantization, per channel) at the example's size and batch 1. The
+command prints the INT8 model's top-1 agreement with float32 on held-out images of the folder (and both models'
+top-1 there where the folder has a subfolder per class), and writes it only if the agreement reaches
+``--min-agreement``.
 """
 import argparse
 import contextlib
@@ -73,6 +75,7 @@ FORMATS = {'onnx': '.onnx', 'openvino': '.xml', 'executorch': '.pte'}  # the fil
 # (so that those three stay this module's, with any height and width). torch.export's takes any batch.
 TIMMX_FORMATS = {'torch-export': '.pt2', 'coreml': '.mlpackage', 'litert': '.tflite', 'tensorrt': '.engine'}
 SUFFIXES = {**FORMATS, **TIMMX_FORMATS}
+INT8_FORMATS = ('openvino', 'executorch')  # --int8: NNCF for OpenVINO, timmx (XNNPACK) for ExecuTorch
 
 
 class RuntimeMissing(RuntimeError):
@@ -267,16 +270,22 @@ def export_executorch(traced: Traced, output: Path):
         staged.write_bytes(lowered.buffer)
 
 
-def export_with_timmx(model: torch.nn.Module, name: str, output: Path, fmt: str, img_size: int):
+def export_with_timmx(model: torch.nn.Module, name: str, output: Path, fmt: str, img_size: int,
+                      calibration: Optional[torch.Tensor] = None):
     """Write ``model`` (registered as ``name``, in its training form: timmx folds it) in the timmx format ``fmt``
     to ``output`` for ``img_size`` images, through a state dict that timm's loader reads; a failed export leaves
-    nothing, a successful one replaces ``output``."""
+    nothing, a successful one replaces ``output``. With ``calibration`` (preprocessed images; ExecuTorch): INT8,
+    statically quantized for XNNPACK on those images, unchecked (the caller checks it)."""
     import timmx
 
     with _replacing(output, [output.suffix]) as staged:
         weights = staged.with_name('weights.pth')  # removed with the staging folder
         torch.save(model.state_dict(), weights)
         options = dict(dynamic_batch=True, batch_size=2) if fmt == 'torch-export' else {}
+        if calibration is not None:
+            images = staged.with_name('calibration.pt')
+            torch.save(calibration, images)
+            options.update(mode='int8', calibration_data=images, verify=False)
         timmx.export_model(fmt, name, checkpoint=weights, num_classes=model.num_classes,
                            input_size=(3, img_size, img_size), output=staged, **options)
 
@@ -391,7 +400,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--opset', type=int, help='ONNX opset (default: 18 for dynamo, 17 for torchscript)')
     parser.add_argument('--exporter', choices=tuple(MIN_OPSET), help='ONNX exporter (default: dynamo)')
     parser.add_argument('--int8', action='store_true',
-                        help='quantize to INT8 (OpenVINO; NNCF post-training quantization on --calibration-data)')
+                        help='quantize to INT8, calibrated on --calibration-data (OpenVINO: NNCF; ExecuTorch: '
+                             'XNNPACK through timmx)')
     parser.add_argument('--calibration-data', type=Path, metavar='DIR',
                         help='images for --int8, read as the model evaluates (a subfolder per class: top-1 too)')
     parser.add_argument('--calibration-samples', type=int, default=int8.CALIBRATION_SAMPLES, metavar='N',
@@ -402,16 +412,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              f'model to be written (default: {int8.MIN_AGREEMENT})')
     args = parser.parse_args(argv)
     if args.int8:
-        if args.fmt != 'openvino':
-            parser.error('--int8 is implemented for --format openvino (NNCF)')
+        if args.fmt not in INT8_FORMATS:
+            parser.error(f'--int8 is implemented for --format {" and ".join(INT8_FORMATS)}')
         if args.calibration_data is None:
             parser.error('--int8 needs --calibration-data DIR, a folder of images to calibrate on')
         if not args.calibration_data.is_dir():
             parser.error(f'--calibration-data {args.calibration_data}: no such folder')
         if args.calibration_samples < 1 or not 0 <= args.min_agreement <= 1:
             parser.error('--calibration-samples must be at least 1, --min-agreement within [0, 1]')
+        if args.fmt == 'executorch' and args.training_form:
+            parser.error('--int8 for executorch goes through timmx, which exports the inference form')
         try:
-            int8.require()
+            int8.require(args.fmt)
         except dependencies.MissingDependency as error:
             parser.error(str(error))
     elif args.calibration_data is not None:
@@ -443,14 +455,11 @@ def main(argv: Optional[Sequence[str]] = None):
     args = parse_args(argv)
     logging.basicConfig(format='%(message)s')
     logging.getLogger(load_weights.__module__).setLevel(logging.INFO)  # its line naming the weights it took
-    through_timmx = args.fmt in TIMMX_FORMATS
+    through_timmx = args.fmt in TIMMX_FORMATS or (args.int8 and args.fmt == 'executorch')
     try:  # timmx folds the model itself, from the training form's weights
         model = build_model(args.model, args.checkpoint, deploy=not (args.training_form or through_timmx))
     except (CheckpointError, UnsafeCheckpointError) as error:
         sys.exit(f'error: {error}')
-    if through_timmx:
-        main_through_timmx(args, model)
-        return
     calibration = None
     if args.int8:
         from .predict import preprocessing  # predict imports this module
@@ -467,6 +476,9 @@ def main(argv: Optional[Sequence[str]] = None):
         print(f'calibration data: {len(calibration.calibration)} images to calibrate on, '
               f'{len(calibration.held_out)} held out ({calibration.skipped} unreadable skipped; '
               f'{calibration.labels_from})')
+    if through_timmx:
+        main_through_timmx(args, model, calibration)
+        return
     steps = progress(total=(2 if args.no_verify else 3) + 2 * args.int8, desc=f'{args.fmt}: tracing')
     traced = trace(model, args.img_size, args.fmt)
     steps.update()
@@ -502,10 +514,14 @@ def main(argv: Optional[Sequence[str]] = None):
     report_errors(args.fmt, f'{args.fmt}{" float32" if args.int8 else ""}', shapes, errors)
 
 
-def main_through_timmx(args: argparse.Namespace, model: torch.nn.Module):
+def main_through_timmx(args: argparse.Namespace, model: torch.nn.Module,
+                       calibration: Optional['int8.CalibrationData'] = None):
     import timmx
 
     try:
+        if calibration is not None:
+            quantize_through_timmx(args, model, calibration)
+            return
         export_with_timmx(model, args.model, args.output, args.fmt, args.img_size)
     except timmx.TimmxError as error:
         sys.exit(f'error: timmx: {error}')
@@ -534,14 +550,33 @@ def quantize_and_check(args: argparse.Namespace, model: torch.nn.Module, fp32_xm
         int8.quantize(fp32_xml, staged.with_suffix('.xml'), calibration.calibration)
         steps.update()
         steps.set_description(f'{args.fmt}: checking INT8 against float32')
-        result = int8.check_held_out(model, staged.with_suffix('.xml'), calibration)
+        check_agreement(args, int8.check_held_out(model, staged.with_suffix('.xml'), 'openvino', calibration))
         steps.update()
-        accuracy = '' if result.fp32_top1 is None else \
-            f'; top-1 {result.int8_top1:.1%} (float32 {result.fp32_top1:.1%})'
-        print(f'INT8 vs float32 on {result.images} held-out images: top-1 agreement {result.agreement:.1%}{accuracy}')
-        if result.agreement < args.min_agreement:
-            sys.exit(f'error: the INT8 model agrees with float32 on {result.agreement:.1%} of the held-out images, '
-                     f'less than --min-agreement {args.min_agreement:g}; nothing written')
+
+
+def quantize_through_timmx(args: argparse.Namespace, model: torch.nn.Module, calibration: 'int8.CalibrationData'):
+    """``quantize_and_check`` for ExecuTorch: timmx quantizes and lowers the model at ``args.img_size``, batch 1."""
+    import timmx
+
+    steps = progress(total=2, desc=f'{args.fmt}: quantizing to INT8 and lowering to XNNPACK (timmx)')
+    with _replacing(args.output, ['.pte']) as staged:
+        export_with_timmx(model, args.model, staged, args.fmt, args.img_size, calibration.calibration)
+        steps.update()
+        steps.set_description(f'{args.fmt}: checking INT8 against float32')
+        check_agreement(args, int8.check_held_out(model, staged, args.fmt, calibration))
+        steps.update()
+    steps.close()
+    print(f'wrote {args.output} ({args.model}, {args.fmt} through timmx {timmx.__version__}, INT8, inference form, '
+          f'{args.img_size}x{args.img_size} images, batch 1)')
+
+
+def check_agreement(args: argparse.Namespace, result: 'int8.HeldOutResult'):
+    """Print the INT8 model's held-out figures; exit, writing nothing, below ``--min-agreement``."""
+    accuracy = '' if result.fp32_top1 is None else f'; top-1 {result.int8_top1:.1%} (float32 {result.fp32_top1:.1%})'
+    print(f'INT8 vs float32 on {result.images} held-out images: top-1 agreement {result.agreement:.1%}{accuracy}')
+    if result.agreement < args.min_agreement:
+        sys.exit(f'error: the INT8 model agrees with float32 on {result.agreement:.1%} of the held-out images, '
+                 f'less than --min-agreement {args.min_agreement:g}; nothing written')
 
 
 if __name__ == '__main__':

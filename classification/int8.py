@@ -1,6 +1,7 @@
-"""INT8 OpenVINO models (``python -m classification.export ... --format openvino --int8``): NNCF's post-training
-quantization of the float32 IR, calibrated on images of a folder in the model's evaluation preprocessing, and
-checked by its top-1 agreement with the float32 model on the folder's other images.
+"""INT8 models (``python -m classification.export ... --int8``): NNCF's post-training quantization of the float32
+OpenVINO IR, or timmx's XNNPACK quantization for ExecuTorch (``export.export_with_timmx``), calibrated on images of a
+folder in the model's evaluation preprocessing, and checked by their top-1 agreement with the float32 model on the
+folder's other images.
 
 The folder is read as the predict command reads one (recursively, every image file; unreadable files are skipped
 and counted), in an order shuffled with a fixed seed and only as far as needed: the calibration set
@@ -23,8 +24,9 @@ CALIBRATION_SAMPLES = 300  # NNCF's default subset size
 MIN_IMAGES = 50  # so that at least 10 are held out
 MAX_HELD_OUT = 1000  # the images read beyond the calibration set (a folder is read only as far as needed)
 # The INT8 model's least top-1 agreement with float32 on the held-out images for the export to be written. The demo's
-# FAT-B0 measured 0.965-0.975 over NNCF's presets and model types on its 200 validation images, 0.987 on 700 held-out
-# training images (README, INT8); 0.9 leaves room for a harder dataset and fails a broken quantization.
+# FAT-B0 measured 0.965-0.975 over NNCF's presets and model types on its 200 validation images, 0.987 (OpenVINO) and
+# 0.997 (ExecuTorch) on 700 held-out training images (README, INT8); 0.9 leaves room for a harder dataset and fails a
+# broken quantization.
 MIN_AGREEMENT = 0.9
 # preset 'mixed' (symmetric weights, asymmetric activations) with model type 'transformer' (NNCF's scheme for
 # attention models, SmoothQuant included): the best agreement measured, and not slower than 'performance' (README)
@@ -52,9 +54,10 @@ class CalibrationData:
     labels_from: str  # where the labels came from, or why there are none
 
 
-def require():
-    """Import NNCF and OpenVINO, or raise MissingDependency naming what installs them."""
-    for module in ('openvino', 'nncf'):
+def require(fmt: str = 'openvino'):
+    """Import what INT8 needs in ``fmt`` (OpenVINO: NNCF; ExecuTorch: timmx, torchao), or raise MissingDependency
+    naming what installs it."""
+    for module in {'openvino': ('openvino', 'nncf'), 'executorch': ('executorch', 'torchao', 'timmx')}[fmt]:
         dependencies.require(module, 'deploy', '--int8')
 
 
@@ -105,16 +108,19 @@ def read_calibration_data(folder: Path, transform: Callable[[Image.Image], torch
     return CalibrationData(stacked[:count], stacked[count:], held_out_labels, skipped, labels_from)
 
 
-def quantize(fp32_xml: Path, output_xml: Path, calibration: torch.Tensor, preset: str = PRESET):
-    """Write the INT8 quantization of the IR ``fp32_xml`` to ``output_xml`` (float32 where not quantized)."""
+def quantize(fp32_xml: Path, output_xml: Path, calibration: torch.Tensor, preset: str = PRESET,
+             batch_size: int = 1) -> Path:
+    """Write the INT8 quantization of the IR ``fp32_xml`` (whose input is a batch of ``batch_size`` images) to
+    ``output_xml`` (float32 where not quantized), and return ``output_xml``."""
     import nncf
     import openvino
 
     model = openvino.Core().read_model(str(fp32_xml))
-    dataset = nncf.Dataset([image[None].numpy() for image in calibration])
-    quantized = nncf.quantize(model, dataset, preset=nncf.QuantizationPreset(preset),
-                              model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration))
+    batches = [batch.numpy() for batch in calibration.split(batch_size) if len(batch) == batch_size]
+    quantized = nncf.quantize(model, nncf.Dataset(batches), preset=nncf.QuantizationPreset(preset),
+                              model_type=nncf.ModelType.TRANSFORMER, subset_size=len(batches))
     openvino.save_model(quantized, str(output_xml), compress_to_fp16=False)
+    return output_xml
 
 
 def _top1(run: Callable[[np.ndarray], np.ndarray], images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
@@ -122,13 +128,15 @@ def _top1(run: Callable[[np.ndarray], np.ndarray], images: torch.Tensor, batch_s
                       for batch in images.split(batch_size)])
 
 
-def check_held_out(model: torch.nn.Module, int8_xml: Path, data: CalibrationData) -> HeldOutResult:
-    """The INT8 model's top-1 against the float32 PyTorch model's (and both against the labels) on held-out data."""
+def check_held_out(model: torch.nn.Module, path: Path, fmt: str, data: CalibrationData) -> HeldOutResult:
+    """The INT8 model at ``path`` (in ``fmt``) against the float32 PyTorch model (and both against the labels) on
+    held-out data, by top-1 class."""
     from .export import load_runtime
 
     with torch.no_grad():
         expected = torch.cat([model(batch).argmax(-1) for batch in data.held_out.split(32)])
-    actual = _top1(load_runtime(int8_xml, 'openvino'), data.held_out)
+    # ExecuTorch's INT8 program takes one image at a time
+    actual = _top1(load_runtime(path, fmt), data.held_out, batch_size=1 if fmt == 'executorch' else 32)
     labels = data.held_out_labels
 
     def top1(predicted: torch.Tensor) -> Optional[float]:

@@ -44,10 +44,11 @@ class AblationRow(NamedTuple):
 
 
 class Peer(NamedTuple):
-    """A timm model the FAT paper compares with."""
-    top1: float  # ImageNet-1K top-1 (%) published by the model's own paper
+    """A timm model that FAT is compared with: in the FAT paper's comparisons, or a CPU-first model."""
+    top1: float  # ImageNet-1K top-1 (%) published by the model's own authors, for the weights timm ships by default
     counterpart: str  # the model of this repository of similar accuracy it is compared with
     gpu_throughput: Optional[float] = None  # img/s, the FAT paper's GPU throughput comparison
+    cpu_first: bool = False  # a model designed or chosen for CPU inference, not in the FAT paper
 
 
 def _entries(*entries: ModelEntry) -> Dict[str, ModelEntry]:
@@ -113,6 +114,19 @@ PEERS = {
     'efficientnet_b3': Peer(81.6, 'fat_b2', gpu_throughput=624),
     'swin_tiny_patch4_window7_224': Peer(81.3, 'fat_b3'),
     'convnext_small': Peer(83.1, 'fat_b3'),
+    # the CPU-first models at FAT-B0's and FAT-B1's accuracy; top-1 from the authors' README or paper, for timm's
+    # default weights of each: CPUBone's README (the Xeon / ONNX Runtime models), RepViT's README (distilled, 300
+    # epochs), FastViT's README (without distillation, at 256), EfficientFormerV2's paper (distilled), MobileNetV4's
+    # paper (MNv4-Conv-M)
+    'cpubone_b0_bfrobust': Peer(77.6, 'fat_b0', cpu_first=True),
+    'cpubone_b1_bfrobust': Peer(78.7, 'fat_b0', cpu_first=True),
+    'repvit_m0_9': Peer(78.7, 'fat_b0', cpu_first=True),
+    'repvit_m1_0': Peer(80.0, 'fat_b1', cpu_first=True),
+    'fastvit_t8': Peer(76.2, 'fat_b0', cpu_first=True),
+    'fastvit_t12': Peer(79.3, 'fat_b1', cpu_first=True),
+    'efficientformerv2_s0': Peer(75.7, 'fat_b0', cpu_first=True),
+    'efficientformerv2_s1': Peer(79.0, 'fat_b1', cpu_first=True),
+    'mobilenetv4_conv_medium': Peer(79.9, 'fat_b1', cpu_first=True),
 }
 
 

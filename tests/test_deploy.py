@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from timm.utils import reparameterize_model
 
-from classification import benchmark, export, fat, lvt
+from classification import benchmark, export, fat, int8, lvt
 from classification.fat import PointwiseConv, ResidualDepthwiseConv
 from classification.registry import model_names
 from conftest import randomize_norms, run_ok, skip_without_runtime
@@ -251,13 +251,15 @@ def test_export_names_a_checkpoint_of_another_variant(tmp_path, monkeypatch):
     (['--format', 'onnx', '--output', 'x.onnx', '--img-size', '16'], 'the image size must be at least 33'),
     (['--format', 'onnx', '--output', 'x.onnx', '--checkpoint', 'missing.pth'], '--checkpoint missing.pth: no such'),
     (['--format', 'onnx', '--output', 'x.onnx', '--int8', '--calibration-data', '.'],
-     '--int8 is implemented for --format openvino'),
+     '--int8 is implemented for --format openvino and executorch'),
     (['--format', 'openvino', '--output', 'x.xml', '--int8'], '--int8 needs --calibration-data DIR'),
     (['--format', 'openvino', '--output', 'x.xml', '--int8', '--calibration-data', 'missing'],
      '--calibration-data missing: no such folder'),
     (['--format', 'openvino', '--output', 'x.xml', '--calibration-data', '.'], '--calibration-data applies to --int8'),
     (['--format', 'openvino', '--output', 'x.xml', '--int8', '--calibration-data', '.', '--min-agreement', '1.5'],
      '--min-agreement within [0, 1]'),
+    (['--format', 'executorch', '--output', 'x.pte', '--int8', '--calibration-data', '.', '--training-form'],
+     '--int8 for executorch goes through timmx, which exports the inference form'),
     (['--format', 'coreml', '--output', 'x.onnx'], '--output of --format coreml must end in .mlpackage'),
     (['--format', 'torch-export', '--output', 'x.pt2', '--training-form'],
      '--format torch-export goes through timmx, which exports the inference form'),
@@ -377,16 +379,36 @@ def test_openvino_models_freed_after_failures_leave_a_valid_signal_stack(tmp_pat
 
 
 @pytest.mark.slow
-def test_benchmark_times_each_runtime_in_its_own_block(tmp_path, capsys):
+def test_benchmark_times_each_runtime_in_its_own_block(tmp_path, capsys, monkeypatch):
+    """authors, OpenVINO float32 and OpenVINO INT8, each a block; the INT8 block runs NNCF's quantized programs."""
     skip_without_runtime('openvino')
+    pytest.importorskip('nncf')
+    import openvino
+
+    quantized_ops, nncf_quantize = [], int8.quantize
+
+    def quantize(fp32_xml, output_xml, calibration, batch_size):
+        written = nncf_quantize(fp32_xml, output_xml, calibration, batch_size=batch_size)
+        ops = openvino.Core().read_model(str(written)).get_ops()
+        quantized_ops.append((batch_size, sum(op.get_type_name() == 'FakeQuantize' for op in ops)))
+        return written
+    monkeypatch.setattr(int8, 'quantize', quantize)
     signal_stack = export.signal_stack()
     benchmark.main(['--models', 'fat_b0', 'edgenext_x_small', '--backend', 'authors', 'openvino',
-                    '--warmup', '1', '--latency-rounds', '3', '--throughput-batch-sizes', '2', '--throughput-warmup',
-                    '0', '--throughput-rounds', '1', '--no-flops', '--output-dir', str(tmp_path)])
+                    '--precision', 'fp32', 'int8', '--warmup', '1', '--latency-rounds', '3',
+                    '--throughput-batch-sizes', '2', '--throughput-warmup', '0', '--throughput-rounds', '1', '--no-flops',
+                    '--output-dir', str(tmp_path), '--plot'])
     printed = capsys.readouterr().out
     result = json.loads((tmp_path / 'benchmark.json').read_text())
-    assert [(row['backend'], row['model']) for row in result['rows']] == [
-        (backend, model) for backend in ('authors', 'openvino') for model in ('fat_b0', 'edgenext_x_small')]
+    assert [(row['backend'], row['precision'], row['model']) for row in result['rows']] == [
+        (block, precision, model) for block, precision in (('authors', 'fp32'), ('openvino', 'fp32'),
+                                                           ('openvino-int8', 'int8'))
+        for model in ('fat_b0', 'edgenext_x_small')]
+    # each model at batch 1 and 2, quantized (the scales of NNCF's FakeQuantize nodes, which OpenVINO runs in INT8)
+    assert [batch for batch, _ in quantized_ops] == [1, 2, 1, 2] and all(count > 50 for _, count in quantized_ops)
+    assert result['settings']['blocks'] == ['authors', 'openvino', 'openvino-int8']
+    assert 'openvino-int8:' in printed and 'latency openvino-int8 fat_b0 / authors fat_b0' in printed
+    assert (tmp_path / 'accuracy_vs_latency.png').read_bytes().startswith(b'\x89PNG')
     assert result['machine']['openvino']
     # two OpenVINO models at once left a freed signal stack installed before their stack was restored: a crash at
     # the next signal that Python handles (Ctrl-C; the data loader's SIGCHLD)
@@ -397,8 +419,9 @@ def test_benchmark_times_each_runtime_in_its_own_block(tmp_path, capsys):
     peer = result['rows'][3]
     assert peer['latency_ms_x_fat'] == pytest.approx(statistics.median(
         a / b for a, b in zip(rounds['latency_ms']['edgenext_x_small'], rounds['latency_ms']['fat_b0'])))
-    (versus_authors,) = [c for c in result['comparisons'] if 'versus_backend' in c]
+    versus_authors, int8_versus_authors = [c for c in result['comparisons'] if 'versus_backend' in c]
     assert (versus_authors['backend'], versus_authors['versus_backend']) == ('openvino', 'authors')
+    assert (int8_versus_authors['backend'], int8_versus_authors['versus_backend']) == ('openvino-int8', 'authors')
     assert versus_authors['latency_ratio'] == pytest.approx(
         statistics.median(rounds['latency_ms']['fat_b0'])
         / statistics.median(result['seconds_per_round']['authors']['latency_ms']['fat_b0']))
@@ -436,6 +459,7 @@ def test_benchmark_tiny_run_writes_table_csv_and_json(tmp_path, capsys):
     assert csv_lines[0].startswith('model,input_size,params_m,gflops,top1,latency_ms,throughput_b2,train_b2')
     assert len(csv_lines) == 3
     assert (tmp_path / 'accuracy_vs_throughput.png').read_bytes().startswith(b'\x89PNG')
+    assert (tmp_path / 'accuracy_vs_latency.png').read_bytes().startswith(b'\x89PNG')
 
 
 @pytest.mark.parametrize('argv, message', [
@@ -444,11 +468,21 @@ def test_benchmark_tiny_run_writes_table_csv_and_json(tmp_path, capsys):
     (['--backend', 'tensorrt'], "argument --backend: invalid choice: 'tensorrt'"),
     (['--backend', 'openvino', 'openvino'], '--backend lists a backend twice'),
     (['--compare-backends', 'openvino:fat_b0'], '--compare-backends takes pairs BACKEND/MODEL:BACKEND/MODEL'),
+    (['--precision', 'int8'], '--precision int8 is timed in openvino (NNCF post-training quantization): add --backend '
+                              'openvino'),
+    (['--precision', 'fp32', 'fp32'], '--precision lists a precision twice'),
+    (['--precision', 'fp16'], "argument --precision: invalid choice: 'fp16'"),
 ])
 def test_benchmark_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         benchmark.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_benchmark_blocks_are_each_backend_at_each_precision_it_runs():
+    assert [block.name for block in benchmark.blocks(['authors', 'onnxruntime', 'openvino'], ['fp32', 'int8'])] == [
+        'authors', 'onnxruntime', 'openvino', 'openvino-int8']
+    assert [block.name for block in benchmark.blocks(['openvino'], ['int8'])] == ['openvino-int8']
 
 
 @pytest.mark.parametrize('flags, described', [

@@ -1,5 +1,6 @@
-"""INT8 OpenVINO export (``--int8``, classification/int8.py): NNCF's quantization calibrated on a folder of images,
-its agreement with float32 on the folder's held-out images, and the floor below which nothing is written."""
+"""INT8 export (``--int8``, classification/int8.py): NNCF's quantization for OpenVINO and timmx's XNNPACK quantization
+for ExecuTorch, calibrated on a folder of images, their agreement with float32 on the folder's held-out images, and
+the floor below which nothing is written."""
 import importlib.util
 import re
 from pathlib import Path
@@ -13,7 +14,7 @@ from classification.predict import preprocessing
 from conftest import write_image_folder
 
 # found, not imported: collection stays quick (NNCF takes a second to import)
-pytestmark = pytest.mark.skipif(not all(importlib.util.find_spec(name) for name in ('nncf', 'openvino')),
+needs_nncf = pytest.mark.skipif(not all(importlib.util.find_spec(name) for name in ('nncf', 'openvino')),
                                 reason='NNCF or OpenVINO is not installed (make setup-extras)')
 
 CLASSES = ['bar', 'disc', 'noise']  # write_image_folder's classes, in ImageFolder's sorted order
@@ -33,6 +34,7 @@ def test_labels_come_from_class_subfolders_only_where_they_name_the_models_class
         None, 'no labels (the images are not all in one subfolder per class)')
 
 
+@needs_nncf
 def test_too_few_calibration_images_stop_before_tracing(tmp_path, monkeypatch):
     def not_reached(*args, **kwargs):
         raise AssertionError('the export traced the model')
@@ -48,11 +50,9 @@ def test_too_few_calibration_images_stop_before_tracing(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@needs_nncf
 def test_int8_export_reports_its_agreement_and_is_written_only_above_the_floor(tmp_path, capsys, monkeypatch):
-    torch.manual_seed(0)
-    checkpoint = tmp_path / 'fat_b0_64px.pth'  # what the trainer saves, as far as the export reads it
-    torch.save(dict(model=timm.create_model('fat_b0', num_classes=3).state_dict(), classes=CLASSES,
-                    config='DATA:\n  IMG_SIZE: 64\n'), checkpoint)
+    checkpoint = _fat_b0_checkpoint(tmp_path)
     images = write_image_folder(tmp_path / 'images', train_per_class=20, val_per_class=0, corrupt=True) / 'train'
     output = tmp_path / 'out' / 'fat_b0_int8.xml'
     export.main(['--model', 'fat_b0', '--checkpoint', str(checkpoint), '--format', 'openvino', '--output',
@@ -99,3 +99,72 @@ def test_int8_export_reports_its_agreement_and_is_written_only_above_the_floor(t
                                'than --min-agreement 0.9; nothing written')
     assert {suffix: output.with_suffix(suffix).read_bytes() for suffix in written} == written
     assert sorted(path.name for path in output.parent.iterdir()) == ['fat_b0_int8.bin', 'fat_b0_int8.xml']
+
+
+def _fat_b0_checkpoint(folder: Path) -> Path:
+    """FAT-B0 for write_image_folder's three classes at 64 px, as far as the export reads the trainer's checkpoint."""
+    torch.manual_seed(0)
+    checkpoint = folder / 'fat_b0_64px.pth'
+    torch.save(dict(model=timm.create_model('fat_b0', num_classes=3).state_dict(), classes=CLASSES,
+                    config='DATA:\n  IMG_SIZE: 64\n'), checkpoint)
+    return checkpoint
+
+
+@pytest.mark.slow
+def test_executorch_int8_export_through_timmx_reports_its_agreement(tmp_path, capsys):
+    pytest.importorskip('executorch')
+    pytest.importorskip('timmx')
+    checkpoint = _fat_b0_checkpoint(tmp_path)
+    images = write_image_folder(tmp_path / 'images', train_per_class=20, val_per_class=0) / 'train'
+    output = tmp_path / 'out' / 'fat_b0_int8.pte'
+    export.main(['--model', 'fat_b0', '--checkpoint', str(checkpoint), '--format', 'executorch', '--output',
+                 str(output), '--img-size', '64', '--int8', '--calibration-data', str(images), '--min-agreement', '0'])
+    printed = capsys.readouterr().out
+    assert 'calibration data: 48 images to calibrate on, 12 held out (0 unreadable skipped' in printed
+    assert 'fat_b0, executorch through timmx' in printed and 'INT8, inference form, 64x64 images, batch 1' in printed
+    assert [path.name for path in output.parent.iterdir()] == ['fat_b0_int8.pte']
+    # INT8 weights: about a byte per parameter, where float32 takes four
+    parameters = sum(p.numel() for p in timm.create_model('fat_b0', num_classes=3).parameters())
+    assert output.stat().st_size < 2 * parameters
+
+    found = re.search(r'INT8 vs float32 on 12 held-out images: top-1 agreement ([\d.]+)%; top-1 ([\d.]+)% '
+                      r'\(float32 ([\d.]+)%\)', printed)
+    assert found, printed
+    data = int8.read_calibration_data(images, preprocessing('fat_b0', None, 64), int8.CALIBRATION_SAMPLES, CLASSES, 3)
+    model = export.build_model('fat_b0', checkpoint)
+    with torch.no_grad():
+        expected = model(data.held_out).argmax(-1)
+    program = export.load_runtime(output, 'executorch')
+    actual = torch.tensor([program(image[None].numpy()).argmax() for image in data.held_out])
+    figures = [(actual == expected), (actual == data.held_out_labels), (expected == data.held_out_labels)]
+    assert [float(value) for value in found.groups()] == pytest.approx(
+        [100 * figure.float().mean().item() for figure in figures], abs=0.05)
+
+
+def test_executorch_int8_below_the_floor_writes_nothing(tmp_path, monkeypatch):
+    """The floor of the ExecuTorch path, with timmx's quantized export standing in by a file."""
+    pytest.importorskip('executorch')
+    pytest.importorskip('timmx')
+    checkpoint = _fat_b0_checkpoint(tmp_path)
+    images = write_image_folder(tmp_path / 'images', train_per_class=20, val_per_class=0) / 'train'
+    output = tmp_path / 'out' / 'fat_b0_int8.pte'
+    output.parent.mkdir()
+    output.write_bytes(b'the INT8 program written before')
+    staged = []
+
+    def export_with_timmx(model, name, path, fmt, img_size, calibration):
+        assert (name, fmt, img_size, model.training) == ('fat_b0', 'executorch', 64, False)
+        assert calibration.shape == (48, 3, 64, 64)
+        path.write_bytes(b'a new INT8 program')
+        staged.append(path)
+
+    monkeypatch.setattr(export, 'export_with_timmx', export_with_timmx)
+    monkeypatch.setattr(int8, 'check_held_out', lambda model, path, fmt, data: int8.HeldOutResult(12, 0.5, None, None))
+    with pytest.raises(SystemExit) as stop:
+        export.main(['--model', 'fat_b0', '--checkpoint', str(checkpoint), '--format', 'executorch', '--output',
+                     str(output), '--img-size', '64', '--int8', '--calibration-data', str(images)])
+    assert stop.value.code == ('error: the INT8 model agrees with float32 on 50.0% of the held-out images, less '
+                               'than --min-agreement 0.9; nothing written')
+    assert len(staged) == 1 and not staged[0].exists()
+    assert [path.name for path in output.parent.iterdir()] == ['fat_b0_int8.pte']
+    assert output.read_bytes() == b'the INT8 program written before'

@@ -203,3 +203,21 @@ def test_torch_compile_matches_eager_forward_and_backward():
 def test_registry_lists_exactly_the_registered_models():
     families = sorted({entry.family for entry in MODELS.values()})
     assert sorted(model_names(ablations=True)) == sorted(timm.list_models(module=families))
+
+
+def test_every_peer_is_a_timm_model_compared_with_a_registered_model():
+    from classification.registry import PEERS, published_top1
+
+    for name, peer in PEERS.items():
+        assert timm.is_model(name), name
+        assert MODELS[peer.counterpart].paper is not None, name
+        # the FAT paper pairs its peers in its tables; a CPU-first peer goes with the FAT model nearest in top-1
+        fat_models = [entry.name for entry in MODELS.values() if entry.family == 'fat' and entry.paper
+                      and entry.published]
+        if peer.cpu_first:
+            assert peer.counterpart == min(fat_models, key=lambda fat: abs(MODELS[fat].paper.top1 - peer.top1)), name
+        assert published_top1(name) == peer.top1
+    cpu_first = sorted(name for name, peer in PEERS.items() if peer.cpu_first)
+    assert cpu_first == sorted(['cpubone_b0_bfrobust', 'cpubone_b1_bfrobust', 'repvit_m0_9', 'repvit_m1_0',
+                                'fastvit_t8', 'fastvit_t12', 'efficientformerv2_s0', 'efficientformerv2_s1',
+                                'mobilenetv4_conv_medium'])

@@ -555,7 +555,8 @@ def _registry():
 def compile_models() -> List[str]:
     """FAT-B0 and the peers the paper compares it with."""
     registry = _registry()
-    return ['fat_b0'] + [name for name, peer in registry.PEERS.items() if peer.counterpart == 'fat_b0']
+    return ['fat_b0'] + [name for name, peer in registry.PEERS.items()
+                         if peer.counterpart == 'fat_b0' and not peer.cpu_first]
 
 
 def paper_comparisons(rows: List[Dict], batch_sizes: Sequence[int]) -> List[Dict]:
