@@ -4,6 +4,7 @@ the floor below which nothing is written."""
 import importlib.util
 import re
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import timm
@@ -18,6 +19,32 @@ needs_nncf = pytest.mark.skipif(not all(importlib.util.find_spec(name) for name 
                                 reason='NNCF or OpenVINO is not installed (make setup-extras)')
 
 CLASSES = ['bar', 'disc', 'noise']  # write_image_folder's classes, in ImageFolder's sorted order
+
+
+def assert_printed_figures_are_the_written_models(printed: str, images: Path, checkpoint: Path,
+                                                  int8_top1: Callable[[torch.Tensor], torch.Tensor]):
+    """The printed agreement and top-1s, recomputed from the written INT8 model (``int8_top1``: its classes for a
+    batch of images) and the float32 model on the same 12 held-out images."""
+    found = re.search(r'INT8 vs float32 on 12 held-out images: top-1 agreement ([\d.]+)%; top-1 ([\d.]+)% '
+                      r'\(float32 ([\d.]+)%\)', printed)
+    assert found, printed
+    data = int8.read_calibration_data(images, preprocessing('fat_b0', None, 64), int8.CALIBRATION_SAMPLES, CLASSES, 3)
+    model = export.build_model('fat_b0', checkpoint)
+    with torch.no_grad():
+        expected = model(data.held_out).argmax(-1)
+    actual = int8_top1(data.held_out)
+    figures = [(actual == expected), (actual == data.held_out_labels), (expected == data.held_out_labels)]
+    assert [float(value) for value in found.groups()] == pytest.approx(
+        [100 * figure.float().mean().item() for figure in figures], abs=0.05)
+
+
+def fat_b0_checkpoint(folder: Path) -> Path:
+    """FAT-B0 for write_image_folder's three classes at 64 px, as far as the export reads the trainer's checkpoint."""
+    torch.manual_seed(0)
+    checkpoint = folder / 'fat_b0_64px.pth'
+    torch.save(dict(model=timm.create_model('fat_b0', num_classes=3).state_dict(), classes=CLASSES,
+                    config='DATA:\n  IMG_SIZE: 64\n'), checkpoint)
+    return checkpoint
 
 
 def test_labels_come_from_class_subfolders_only_where_they_name_the_models_classes(tmp_path):
@@ -52,7 +79,7 @@ def test_too_few_calibration_images_stop_before_tracing(tmp_path, monkeypatch):
 @pytest.mark.slow
 @needs_nncf
 def test_int8_export_reports_its_agreement_and_is_written_only_above_the_floor(tmp_path, capsys, monkeypatch):
-    checkpoint = _fat_b0_checkpoint(tmp_path)
+    checkpoint = fat_b0_checkpoint(tmp_path)
     images = write_image_folder(tmp_path / 'images', train_per_class=20, val_per_class=0, corrupt=True) / 'train'
     output = tmp_path / 'out' / 'fat_b0_int8.xml'
     export.main(['--model', 'fat_b0', '--checkpoint', str(checkpoint), '--format', 'openvino', '--output',
@@ -66,18 +93,9 @@ def test_int8_export_reports_its_agreement_and_is_written_only_above_the_floor(t
     assert sorted(path.name for path in output.parent.iterdir()) == ['fat_b0_int8.bin', 'fat_b0_int8.xml']
     assert 'FakeQuantize' in output.read_text()  # quantized, not the float32 model renamed
 
-    # the printed figures, recomputed from the written model on the same held-out images
-    found = re.search(r'INT8 vs float32 on 12 held-out images: top-1 agreement ([\d.]+)%; top-1 ([\d.]+)% '
-                      r'\(float32 ([\d.]+)%\)', printed)
-    assert found, printed
-    data = int8.read_calibration_data(images, preprocessing('fat_b0', None, 64), int8.CALIBRATION_SAMPLES, CLASSES, 3)
-    model = export.build_model('fat_b0', checkpoint)
-    with torch.no_grad():
-        expected = model(data.held_out).argmax(-1)
-    actual = torch.from_numpy(export.load_runtime(output, 'openvino')(data.held_out.numpy())).argmax(-1)
-    figures = [(actual == expected), (actual == data.held_out_labels), (expected == data.held_out_labels)]
-    assert [float(value) for value in found.groups()] == pytest.approx(
-        [100 * figure.float().mean().item() for figure in figures], abs=0.05)
+    run = export.load_runtime(output, 'openvino')
+    assert_printed_figures_are_the_written_models(printed, images, checkpoint,
+                                                  lambda held_out: torch.from_numpy(run(held_out.numpy())).argmax(-1))
 
     # below --min-agreement: an error with the figure, and the INT8 model already at the path left as it was (the
     # float32 export and the quantization stand in by copies of it: the floor is under test)
@@ -101,20 +119,11 @@ def test_int8_export_reports_its_agreement_and_is_written_only_above_the_floor(t
     assert sorted(path.name for path in output.parent.iterdir()) == ['fat_b0_int8.bin', 'fat_b0_int8.xml']
 
 
-def _fat_b0_checkpoint(folder: Path) -> Path:
-    """FAT-B0 for write_image_folder's three classes at 64 px, as far as the export reads the trainer's checkpoint."""
-    torch.manual_seed(0)
-    checkpoint = folder / 'fat_b0_64px.pth'
-    torch.save(dict(model=timm.create_model('fat_b0', num_classes=3).state_dict(), classes=CLASSES,
-                    config='DATA:\n  IMG_SIZE: 64\n'), checkpoint)
-    return checkpoint
-
-
 @pytest.mark.slow
 def test_executorch_int8_export_through_timmx_reports_its_agreement(tmp_path, capsys):
     pytest.importorskip('executorch')
     pytest.importorskip('timmx')
-    checkpoint = _fat_b0_checkpoint(tmp_path)
+    checkpoint = fat_b0_checkpoint(tmp_path)
     images = write_image_folder(tmp_path / 'images', train_per_class=20, val_per_class=0) / 'train'
     output = tmp_path / 'out' / 'fat_b0_int8.pte'
     export.main(['--model', 'fat_b0', '--checkpoint', str(checkpoint), '--format', 'executorch', '--output',
@@ -127,25 +136,17 @@ def test_executorch_int8_export_through_timmx_reports_its_agreement(tmp_path, ca
     parameters = sum(p.numel() for p in timm.create_model('fat_b0', num_classes=3).parameters())
     assert output.stat().st_size < 2 * parameters
 
-    found = re.search(r'INT8 vs float32 on 12 held-out images: top-1 agreement ([\d.]+)%; top-1 ([\d.]+)% '
-                      r'\(float32 ([\d.]+)%\)', printed)
-    assert found, printed
-    data = int8.read_calibration_data(images, preprocessing('fat_b0', None, 64), int8.CALIBRATION_SAMPLES, CLASSES, 3)
-    model = export.build_model('fat_b0', checkpoint)
-    with torch.no_grad():
-        expected = model(data.held_out).argmax(-1)
-    program = export.load_runtime(output, 'executorch')
-    actual = torch.tensor([program(image[None].numpy()).argmax() for image in data.held_out])
-    figures = [(actual == expected), (actual == data.held_out_labels), (expected == data.held_out_labels)]
-    assert [float(value) for value in found.groups()] == pytest.approx(
-        [100 * figure.float().mean().item() for figure in figures], abs=0.05)
+    program = export.load_runtime(output, 'executorch')  # one image at a time
+    assert_printed_figures_are_the_written_models(
+        printed, images, checkpoint, lambda held_out: torch.tensor([program(image[None].numpy()).argmax()
+                                                                    for image in held_out]))
 
 
 def test_executorch_int8_below_the_floor_writes_nothing(tmp_path, monkeypatch):
     """The floor of the ExecuTorch path, with timmx's quantized export standing in by a file."""
     pytest.importorskip('executorch')
     pytest.importorskip('timmx')
-    checkpoint = _fat_b0_checkpoint(tmp_path)
+    checkpoint = fat_b0_checkpoint(tmp_path)
     images = write_image_folder(tmp_path / 'images', train_per_class=20, val_per_class=0) / 'train'
     output = tmp_path / 'out' / 'fat_b0_int8.pte'
     output.parent.mkdir()
