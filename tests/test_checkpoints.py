@@ -114,6 +114,7 @@ def test_every_loader_takes_the_weights_the_checkpoint_calls_best(tmp_path, trai
 
 
 def test_the_openmmlab_backbone_takes_the_best_weights(tmp_path, trained_and_ema):
+    pytest.importorskip('mmengine', reason='MMEngine is not installed (make setup-dense)')
     from openmmlab.backbone import FATBackbone
 
     trained, ema = trained_and_ema
