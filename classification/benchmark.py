@@ -40,6 +40,7 @@ cross-entropy on random labels, forward + backward + optimizer step under the sa
 compilation), interleaved in the same way.
 """
 import argparse
+import contextlib
 import copy
 import csv
 import datetime
@@ -208,7 +209,8 @@ def runtime_models(models: Dict[str, torch.nn.Module], block: Block, batch_sizes
     """Per batch size, each model (in its inference form) exported by ``classification.export`` for that batch of
     images at its own resolution (static shapes, as a deployed model runs), quantized for an INT8 block, and loaded
     in the block's runtime; a model that fails to export, quantize or load is left out with a message. ``traces``
-    keeps the static programs, which every runtime converts, from one block to the next."""
+    keeps the static programs, which every runtime converts, from one block to the next; the runtime's files in
+    ``folder``, from one precision's block to the next (INT8 quantizes float32's file)."""
     fmt = RUNTIMES[block.backend]
     runners: Dict[int, Dict[str, Callable]] = {batch_size: {} for batch_size in batch_sizes}
     for name, model in models.items():
@@ -218,7 +220,8 @@ def runtime_models(models: Dict[str, torch.nn.Module], block: Block, batch_sizes
             try:
                 if (name, batch_size) not in traces:
                     traces[name, batch_size] = export.trace(model, input_size, fmt, batch_size=batch_size)
-                export.export(model, path, fmt, input_size, traced=traces[name, batch_size])
+                if not path.exists():
+                    export.export(model, path, fmt, input_size, traced=traces[name, batch_size])
                 if block.precision == 'int8':
                     calibration = torch.randn(INT8_CALIBRATION_IMAGES, 3, input_size, input_size,
                                               generator=torch.Generator().manual_seed(0))
@@ -330,24 +333,22 @@ def _load_average() -> Optional[float]:
 
 
 def time_backend(backend: str, args: argparse.Namespace, models: Dict[str, torch.nn.Module], device: torch.device,
-                 amp_dtype: Optional[torch.dtype], traces: Dict,
-                 precision: str = 'fp32') -> Dict[str, Dict[str, List[float]]]:
+                 amp_dtype: Optional[torch.dtype], traces: Dict, precision: str = 'fp32',
+                 folder: Optional[Path] = None) -> Dict[str, Dict[str, List[float]]]:
     """Seconds per round of every model in one backend at one precision, per figure (``latency_ms``,
-    ``throughput_bN``, ...); ``traces``: see ``runtime_models``."""
+    ``throughput_bN``, ...); ``traces`` and ``folder`` (a runtime's files): see ``runtime_models``."""
     input_sizes = {name: model.pretrained_cfg['input_size'][-1] for name, model in models.items()}
     if backend in RUNTIMES:
         batch_sizes = [1, *args.throughput_batch_sizes]
-        block = Block(backend, precision)
-        with tempfile.TemporaryDirectory(prefix=f'benchmark-{block.name}-') as folder:
-            runners = runtime_models(models, block, batch_sizes, args.threads, Path(folder), traces)
-            time.sleep(1)  # let the threads of the exports' PyTorch calls go idle before timing
-            timings = {}
-            if args.latency_rounds:
-                timings['latency_ms'] = measure_runtime_interleaved(runners[1], 1, input_sizes, args.warmup,
-                                                                    args.latency_rounds)
-            for batch_size in args.throughput_batch_sizes:
-                timings[f'throughput_b{batch_size}'] = measure_runtime_interleaved(
-                    runners[batch_size], batch_size, input_sizes, args.throughput_warmup, args.throughput_rounds)
+        runners = runtime_models(models, Block(backend, precision), batch_sizes, args.threads, folder, traces)
+        time.sleep(1)  # let the threads of the exports' PyTorch calls go idle before timing
+        timings = {}
+        if args.latency_rounds:
+            timings['latency_ms'] = measure_runtime_interleaved(runners[1], 1, input_sizes, args.warmup,
+                                                                args.latency_rounds)
+        for batch_size in args.throughput_batch_sizes:
+            timings[f'throughput_b{batch_size}'] = measure_runtime_interleaved(
+                runners[batch_size], batch_size, input_sizes, args.throughput_warmup, args.throughput_rounds)
         return timings
 
     authors = backend == 'authors'
@@ -442,12 +443,19 @@ def run(args: argparse.Namespace) -> Dict:
 
     # each backend is timed in its own block, the models taking turns within it: never two runtimes call after call
     rows, comparisons, timings, traces = [], [], {}, {}
-    for block in blocks(args.backend, args.precision):
-        timings[block.name] = time_backend(block.backend, args, runtime_forms if block.backend in RUNTIMES else models,
-                                           device, amp_dtype, traces, block.precision)
-        backend_rows, backend_comparisons = backend_figures(block, model_rows, timings[block.name], args.compare)
-        rows += backend_rows
-        comparisons += backend_comparisons
+    with contextlib.ExitStack() as runtime_files:
+        folders: Dict[str, Path] = {}
+        for block in blocks(args.backend, args.precision):
+            if block.backend in RUNTIMES and block.backend not in folders:
+                runtime_files.close()  # the previous runtime's files: its blocks are done
+                folders = {block.backend: Path(runtime_files.enter_context(
+                    tempfile.TemporaryDirectory(prefix=f'benchmark-{block.backend}-')))}
+            timings[block.name] = time_backend(
+                block.backend, args, runtime_forms if block.backend in RUNTIMES else models, device, amp_dtype,
+                traces, block.precision, folders.get(block.backend))
+            backend_rows, backend_comparisons = backend_figures(block, model_rows, timings[block.name], args.compare)
+            rows += backend_rows
+            comparisons += backend_comparisons
     comparisons += cross_backend_comparisons(timings, args.compare_backends)
 
     settings = dict(

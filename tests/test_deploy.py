@@ -331,7 +331,7 @@ def timing_that_fails(runners, batch_size, input_sizes, *args):
 benchmark.measure_runtime_interleaved = timing_that_fails
 try:  # a benchmark block that fails with both its models alive: its traceback keeps them
     benchmark.time_backend('openvino', benchmark.parse_args(['--latency-rounds', '0', '--throughput-batch-sizes', '2']),
-                           models, torch.device('cpu'), None, {})
+                           models, torch.device('cpu'), None, {}, folder=folder)
 except RuntimeError as error:
     failures.append(error)
 static = export.trace(models['first'], 64, 'openvino', batch_size=1)  # converts in a third of a dynamic one's time
@@ -393,6 +393,9 @@ def test_benchmark_times_each_runtime_in_its_own_block(tmp_path, capsys, monkeyp
         quantized_ops.append((batch_size, sum(op.get_type_name() == 'FakeQuantize' for op in ops)))
         return written
     monkeypatch.setattr(int8, 'quantize', quantize)
+    exported, convert = [], export.export
+    monkeypatch.setattr(export, 'export', lambda model, path, *args, **kwargs: exported.append(path.name) or convert(
+        model, path, *args, **kwargs))
     signal_stack = export.signal_stack()
     benchmark.main(['--models', 'fat_b0', 'edgenext_x_small', '--backend', 'authors', 'openvino',
                     '--precision', 'fp32', 'int8', '--warmup', '1', '--latency-rounds', '3',
@@ -406,6 +409,8 @@ def test_benchmark_times_each_runtime_in_its_own_block(tmp_path, capsys, monkeyp
         for model in ('fat_b0', 'edgenext_x_small')]
     # each model at batch 1 and 2, quantized (the scales of NNCF's FakeQuantize nodes, which OpenVINO runs in INT8)
     assert [batch for batch, _ in quantized_ops] == [1, 2, 1, 2] and all(count > 50 for _, count in quantized_ops)
+    # the INT8 block quantizes the files that the float32 block converted
+    assert exported == ['fat_b0_b1.xml', 'fat_b0_b2.xml', 'edgenext_x_small_b1.xml', 'edgenext_x_small_b2.xml']
     assert result['settings']['blocks'] == ['authors', 'openvino', 'openvino-int8']
     assert 'openvino-int8:' in printed and 'latency openvino-int8 fat_b0 / authors fat_b0' in printed
     assert (tmp_path / 'accuracy_vs_latency.png').read_bytes().startswith(b'\x89PNG')
