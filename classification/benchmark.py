@@ -45,6 +45,7 @@ import copy
 import csv
 import datetime
 import importlib.metadata
+import itertools
 import json
 import os
 import platform
@@ -215,6 +216,8 @@ def runtime_models(models: Dict[str, torch.nn.Module], block: Block, batch_sizes
     runners: Dict[int, Dict[str, Callable]] = {batch_size: {} for batch_size in batch_sizes}
     for name, model in models.items():
         input_size = model.pretrained_cfg['input_size'][-1]
+        calibration = torch.randn(INT8_CALIBRATION_IMAGES, 3, input_size, input_size,
+                                  generator=torch.Generator().manual_seed(0))
         for batch_size in batch_sizes:
             path = folder / f'{name}_b{batch_size}{export.FORMATS[fmt]}'
             try:
@@ -223,8 +226,6 @@ def runtime_models(models: Dict[str, torch.nn.Module], block: Block, batch_sizes
                 if not path.exists():
                     export.export(model, path, fmt, input_size, traced=traces[name, batch_size])
                 if block.precision == 'int8':
-                    calibration = torch.randn(INT8_CALIBRATION_IMAGES, 3, input_size, input_size,
-                                              generator=torch.Generator().manual_seed(0))
                     path = int8.quantize(path, path.with_name(f'{path.stem}_int8{path.suffix}'), calibration,
                                          batch_size=batch_size)
                 runners[batch_size][name] = export.load_runtime(path, fmt, threads)
@@ -443,24 +444,23 @@ def run(args: argparse.Namespace) -> Dict:
 
     # each backend is timed in its own block, the models taking turns within it: never two runtimes call after call
     rows, comparisons, timings, traces = [], [], {}, {}
-    with contextlib.ExitStack() as runtime_files:
-        folders: Dict[str, Path] = {}
-        for block in blocks(args.backend, args.precision):
-            if block.backend in RUNTIMES and block.backend not in folders:
-                runtime_files.close()  # the previous runtime's files: its blocks are done
-                folders = {block.backend: Path(runtime_files.enter_context(
-                    tempfile.TemporaryDirectory(prefix=f'benchmark-{block.backend}-')))}
-            timings[block.name] = time_backend(
-                block.backend, args, runtime_forms if block.backend in RUNTIMES else models, device, amp_dtype,
-                traces, block.precision, folders.get(block.backend))
-            backend_rows, backend_comparisons = backend_figures(block, model_rows, timings[block.name], args.compare)
-            rows += backend_rows
-            comparisons += backend_comparisons
+    timed_blocks = blocks(args.backend, args.precision)
+    for backend, backend_blocks in itertools.groupby(timed_blocks, key=lambda block: block.backend):
+        runtime = backend in RUNTIMES
+        # a runtime's files live through its blocks: its INT8 block quantizes the float32 block's files
+        files = tempfile.TemporaryDirectory(prefix=f'benchmark-{backend}-') if runtime else contextlib.nullcontext()
+        with files as folder:
+            for block in backend_blocks:
+                timings[block.name] = time_backend(backend, args, runtime_forms if runtime else models, device,
+                                                   amp_dtype, traces, block.precision, folder and Path(folder))
+                block_rows, block_comparisons = backend_figures(block, model_rows, timings[block.name], args.compare)
+                rows += block_rows
+                comparisons += block_comparisons
     comparisons += cross_backend_comparisons(timings, args.compare_backends)
 
     settings = dict(
         device=args.device, backends=list(args.backend), precisions=list(args.precision),
-        blocks=[block.name for block in blocks(args.backend, args.precision)], deploy=not args.training_form,
+        blocks=[block.name for block in timed_blocks], deploy=not args.training_form,
         memory_format=args.memory_format, amp=args.amp, compile=args.compile, warmup=args.warmup,
         latency_rounds=args.latency_rounds, throughput_warmup=args.throughput_warmup,
         throughput_rounds=args.throughput_rounds, throughput_batch_sizes=list(args.throughput_batch_sizes),
@@ -498,8 +498,8 @@ def format_table(result: Dict, markdown: bool = False) -> str:
     train_batch_size = result['settings']['train_batch_size']
     latency = result['settings']['latency_rounds'] > 0
     tables = []
-    for backend in result['settings']['blocks']:
-        rows = [row for row in result['rows'] if row['backend'] == backend]
+    for block in result['settings']['blocks']:
+        rows = [row for row in result['rows'] if row['backend'] == block]
         train = train_batch_size if any(row.get(f'train_b{train_batch_size}') for row in rows) else None
         header = ['model', 'input', 'params (M)', 'GFLOPs', 'top-1 (%)'] + \
             (['latency b1 (ms)'] if latency else []) + \
@@ -523,7 +523,7 @@ def format_table(result: Dict, markdown: bool = False) -> str:
         else:
             widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
             table = ['  '.join(cell.rjust(width) for cell, width in zip(line, widths)) for line in [header] + lines]
-        tables.append(f'{backend}:\n' + '\n'.join(table))
+        tables.append(f'{block}:\n' + '\n'.join(table))
     for comparison in result['comparisons']:
         if 'versus_backend' in comparison:
             tables.append(f"latency {comparison['backend']} {comparison['model']} / {comparison['versus_backend']} "

@@ -519,14 +519,15 @@ def main_through_timmx(args: argparse.Namespace, model: torch.nn.Module,
     import timmx
 
     try:
-        if calibration is not None:
+        if calibration is None:
+            export_with_timmx(model, args.model, args.output, args.fmt, args.img_size)
+        else:
             quantize_through_timmx(args, model, calibration)
-            return
-        export_with_timmx(model, args.model, args.output, args.fmt, args.img_size)
     except timmx.TimmxError as error:
         sys.exit(f'error: timmx: {error}')
-    print(f'wrote {args.output} ({args.model}, {args.fmt} through timmx {timmx.__version__}, inference form, '
-          f'{args.img_size}x{args.img_size} images{", any batch" if args.fmt == "torch-export" else ", batch 1"})')
+    print(f'wrote {args.output} ({args.model}, {args.fmt} through timmx {timmx.__version__}'
+          f'{", INT8" if calibration is not None else ""}, inference form, {args.img_size}x{args.img_size} images'
+          f'{", any batch" if args.fmt == "torch-export" else ", batch 1"})')
     if args.no_verify or args.fmt != 'torch-export':
         return  # timmx compared the others with PyTorch where their runtime runs
     shapes = verify_shapes(args.img_size, dynamic_size=False)
@@ -556,8 +557,6 @@ def quantize_and_check(args: argparse.Namespace, model: torch.nn.Module, fp32_xm
 
 def quantize_through_timmx(args: argparse.Namespace, model: torch.nn.Module, calibration: 'int8.CalibrationData'):
     """``quantize_and_check`` for ExecuTorch: timmx quantizes and lowers the model at ``args.img_size``, batch 1."""
-    import timmx
-
     steps = progress(total=2, desc=f'{args.fmt}: quantizing to INT8 and lowering to XNNPACK (timmx)')
     with _replacing(args.output, ['.pte']) as staged:
         export_with_timmx(model, args.model, staged, args.fmt, args.img_size, calibration.calibration)
@@ -566,8 +565,6 @@ def quantize_through_timmx(args: argparse.Namespace, model: torch.nn.Module, cal
         check_agreement(args, int8.check_held_out(model, staged, args.fmt, calibration))
         steps.update()
     steps.close()
-    print(f'wrote {args.output} ({args.model}, {args.fmt} through timmx {timmx.__version__}, INT8, inference form, '
-          f'{args.img_size}x{args.img_size} images, batch 1)')
 
 
 def check_agreement(args: argparse.Namespace, result: 'int8.HeldOutResult'):
