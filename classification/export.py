@@ -161,7 +161,9 @@ class OpenVINOModel:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return self._request.infer([images])[0]
 
-    def __del__(self):
+    def __del__(self, interpreter_exiting: Callable[[], bool] = sys.is_finalizing):
+        if interpreter_exiting():
+            return  # this module's globals may be gone, and no signal is handled on this thread's stack again
         with kept_signal_stack():
             self.__dict__.clear()
 

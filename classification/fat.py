@@ -185,15 +185,20 @@ def kv_downsample_layer(kind: str, dim: int, window_size: int) -> nn.Module:
     return nn.Conv2d(dim, dim, kernel_size, stride=window_size, padding=padding, groups=dim)
 
 
-def channels_first_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention of queries, keys and values laid out (batch, heads, head_dim, tokens), as FASA's 1x1 convolutions
-    give them, in that layout: the scores (batch, heads, keys, queries) are normalised over the keys and the values
-    multiply them from the left, so that no tensor of all the queries is transposed. What FASA computes in a graph
-    recorded for deployment (``graph_forms``): OpenVINO and ExecuTorch run it faster than
-    ``F.scaled_dot_product_attention`` over transposed tensors (ExecuTorch leaves parts of that one's decomposition to
-    slow portable kernels). Equal to it up to float rounding."""
-    scores = (k * k.shape[-2] ** -0.5).transpose(-1, -2) @ q
-    return v @ scores.softmax(dim=-2)
+def deployment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Multi-head attention of the queries ``q`` (batch, channels, height, width) over the keys and values ``k``,
+    ``v`` (batch, channels, height', width'), as FASA's 1x1 convolutions give them, in the form that a graph recorded
+    for deployment (``graph_forms``) computes: matrix products of 3-d tensors (batch x heads, ...) and a softmax over
+    the last dimension. ExecuTorch's XNNPACK delegate takes these whole, where it leaves the broadcast of a 4-d matrix
+    product and a softmax over another dimension to ExecuTorch's portable kernels (FAT-B0's program with a bounded
+    dynamic batch: 13x slower); OpenVINO and ONNX Runtime run it as fast as any other form (docs/benchmarks.md).
+    Returns (batch x heads, head_dim, queries); equal to ``F.scaled_dot_product_attention`` up to float rounding."""
+    batch, head_dim = q.shape[0], q.shape[1] // num_heads
+    q = q.reshape(batch * num_heads, head_dim, -1)
+    k = k.reshape(batch * num_heads, head_dim, -1) * head_dim ** -0.5
+    v = v.reshape(batch * num_heads, head_dim, -1)
+    weights = torch.bmm(q.transpose(1, 2), k).softmax(dim=-1)  # (batch x heads, queries, keys)
+    return torch.bmm(v, weights.transpose(1, 2))
 
 
 KV_DOWNSAMPLINGS = ('refined', 'pool', 'conv', 'overlap')
@@ -233,14 +238,13 @@ class FASA(nn.Module):
         q = self.q(x)
         local = F.silu(self.local_mixer(q))
 
-        kv = self.kv(self.kv_downsample(x)).reshape(batch, 2, self.num_heads, self.head_dim, -1)
-        q = q.reshape(batch, self.num_heads, self.head_dim, height * width)
+        kv = self.kv(self.kv_downsample(x))
         if tracing_for_deployment():
-            k, v = kv.unbind(1)
-            glob = channels_first_attention(q, k, v)
+            glob = deployment_attention(q, kv[:, :dim], kv[:, dim:], self.num_heads)
         else:
-            k, v = kv.transpose(-1, -2).unbind(1)
-            glob = F.scaled_dot_product_attention(q.transpose(-1, -2), k, v).transpose(-1, -2)
+            q = q.reshape(batch, self.num_heads, self.head_dim, height * width).transpose(-1, -2)
+            k, v = kv.reshape(batch, 2, self.num_heads, self.head_dim, -1).transpose(-1, -2).unbind(1)
+            glob = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2)
         glob = glob.reshape(batch, dim, height, width)
         if self.interaction == 'add':
             return self.proj(local + glob)

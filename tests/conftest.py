@@ -307,3 +307,25 @@ def skip_without_runtime(fmt: str):
         export.require(fmt)
     except export.RuntimeMissing as missing:
         pytest.skip(str(missing))
+
+
+# FAT-B0 shallower than registered: every module type of the full model (a stride-2 block opening each later stage,
+# a block of each stage's kind after it), in about half the graph. ExecuTorch's lowering and NNCF's quantization grow
+# with the graph, so tests of the tools' own behaviour export this one; the full FAT-B0 is exported in each format by
+# tests/test_timmx.py and by the export command's own tests.
+SHALLOW_FAT_B0_DEPTHS = (2, 2, 2, 1)
+
+
+@pytest.fixture
+def shallow_fat_b0(monkeypatch):
+    """Within the test, ``fat_b0`` built by name, by whichever caller (the exporter, the benchmark, timmx, the test),
+    has ``SHALLOW_FAT_B0_DEPTHS``."""
+    import timm
+
+    create_model = timm.create_model
+
+    def create_shallow(name, *args, **kwargs):
+        if name == 'fat_b0':
+            kwargs.setdefault('depths', SHALLOW_FAT_B0_DEPTHS)
+        return create_model(name, *args, **kwargs)
+    monkeypatch.setattr(timm, 'create_model', create_shallow)
