@@ -15,7 +15,7 @@ from timm.utils import reparameterize_model
 from classification import benchmark, export, fat, int8, lvt
 from classification.fat import PointwiseConv, ResidualDepthwiseConv
 from classification.registry import model_names
-from conftest import randomize_norms, run_ok, skip_without_runtime
+from conftest import SHALLOW_FAT_B0_DEPTHS, randomize_norms, run_ok, skip_without_runtime
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -68,7 +68,7 @@ def test_reparameterize_model_folds_every_batchnorm_and_residual():
 def test_reparameterize_model_folds_a_model_in_training_mode(name):
     """As timm's own reparameterizable models do (timmx fuses before eval()): the same inference form, the running
     statistics folded, the batch's statistics never used."""
-    model = randomize_norms(timm.create_model(name, depths=(2, 2, 2, 1)))
+    model = randomize_norms(timm.create_model(name, depths=SHALLOW_FAT_B0_DEPTHS))
     from_training_mode = reparameterize_model(model.train()).eval()
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in from_training_mode.modules())
     images = torch.randn(2, 3, 64, 96)
@@ -143,9 +143,9 @@ def test_exported_graphs_take_the_runtime_friendly_attention_and_overlap_add():
 # FAT-B0, an ablation model (its projection takes both branches) and LVT, whose graph depends on the input size, each
 # shallower than registered: every module type of the full model, in a graph that ExecuTorch lowers in a fraction of
 # the time (its lowering grows with the graph: FAT-B0 119 s, this FAT-B0 80 s on a 2-core CPU). The full FAT-B0 goes
-# through the export command's tests. ExecuTorch's lowering, the slowest step (this FAT-B0's bounded dynamic program:
+# through the TorchScript exporter's command test here and every format in tests/test_timmx.py. ExecuTorch's lowering, the slowest step (this FAT-B0's bounded dynamic program:
 # 93 s on one core), runs for FAT-B0 here; the other two lower, registered and static, in tests/test_timmx.py.
-EXPORTED_MODELS = {'fat_b0': dict(depths=(2, 2, 2, 1)), 'fat_b0_cat': dict(depths=(2, 2, 2, 1)),
+EXPORTED_MODELS = {'fat_b0': dict(depths=SHALLOW_FAT_B0_DEPTHS), 'fat_b0_cat': dict(depths=SHALLOW_FAT_B0_DEPTHS),
                    'lvt_cls': dict(depths=(1, 1, 1, 1), num_class_blocks=1)}
 EXPORTS = [(name, fmt) for name in EXPORTED_MODELS for fmt in export.FORMATS if fmt != 'executorch' or name == 'fat_b0']
 
@@ -191,7 +191,7 @@ def test_export_runs_in_its_runtime_like_pytorch(name, fmt, traced_models, tmp_p
 
 
 @pytest.mark.slow
-def test_export_command_to_a_new_folder_twice(tmp_path, capsys):
+def test_export_command_to_a_new_folder_twice(tmp_path, capsys, shallow_fat_b0):
     skip_without_runtime('openvino')
     output = tmp_path / 'new' / 'folder' / 'fat_b0.xml'
     signal_stack = export.signal_stack()
@@ -394,7 +394,7 @@ def test_openvino_models_freed_after_failures_leave_a_valid_signal_stack(tmp_pat
 
 
 @pytest.mark.slow
-def test_benchmark_times_each_runtime_in_its_own_block(tmp_path, capsys, monkeypatch):
+def test_benchmark_times_each_runtime_in_its_own_block(tmp_path, capsys, monkeypatch, shallow_fat_b0):
     """authors, OpenVINO float32 and OpenVINO INT8, each a block; the INT8 block runs NNCF's quantized programs."""
     skip_without_runtime('openvino')
     pytest.importorskip('nncf')

@@ -39,7 +39,9 @@ def assert_printed_figures_are_the_written_models(printed: str, images: Path, ch
 
 
 def fat_b0_checkpoint(folder: Path) -> Path:
-    """FAT-B0 for write_image_folder's three classes at 64 px, as far as the export reads the trainer's checkpoint."""
+    """FAT-B0 (shallower where a test asks for ``shallow_fat_b0``: the export's INT8 path is under test, and the
+    quantized lowering grows with the graph) for write_image_folder's three classes at 64 px, as far as the export
+    reads the trainer's checkpoint."""
     torch.manual_seed(0)
     checkpoint = folder / 'fat_b0_64px.pth'
     torch.save(dict(model=timm.create_model('fat_b0', num_classes=3).state_dict(), classes=CLASSES,
@@ -78,7 +80,8 @@ def test_too_few_calibration_images_stop_before_tracing(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @needs_nncf
-def test_int8_export_reports_its_agreement_and_is_written_only_above_the_floor(tmp_path, capsys, monkeypatch):
+def test_int8_export_reports_its_agreement_and_is_written_only_above_the_floor(tmp_path, capsys, monkeypatch,
+                                                                             shallow_fat_b0):
     checkpoint = fat_b0_checkpoint(tmp_path)
     images = write_image_folder(tmp_path / 'images', train_per_class=20, val_per_class=0, corrupt=True) / 'train'
     output = tmp_path / 'out' / 'fat_b0_int8.xml'
@@ -120,7 +123,7 @@ def test_int8_export_reports_its_agreement_and_is_written_only_above_the_floor(t
 
 
 @pytest.mark.slow
-def test_executorch_int8_export_through_timmx_reports_its_agreement(tmp_path, capsys):
+def test_executorch_int8_export_through_timmx_reports_its_agreement(tmp_path, capsys, shallow_fat_b0):
     pytest.importorskip('executorch')
     pytest.importorskip('timmx')
     checkpoint = fat_b0_checkpoint(tmp_path)
