@@ -8,7 +8,7 @@ takes the second: one traced by ``torch.export`` (the exporter's ONNX, OpenVINO 
 """
 import torch
 
-__all__ = ['tracing_for_deployment']
+__all__ = ['batched_attention', 'tracing_for_deployment']
 
 
 def tracing_for_deployment() -> bool:
@@ -18,3 +18,17 @@ def tracing_for_deployment() -> bool:
         return False
     else:
         return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
+def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v)`` of (batch, heads, tokens, head_dim) tensors as a graph recorded for
+    deployment computes it: two matrix products of 3-d tensors (batch x heads, ...) and a softmax over the last
+    dimension, which ExecuTorch's XNNPACK delegate takes whole; ``scaled_dot_product_attention`` itself decomposes
+    into a softmax guarded against empty rows (``eq``, ``any``, ``where``) that runs on ExecuTorch's portable kernels.
+    Equal to it up to float rounding."""
+    batch, heads, queries, head_dim = q.shape
+    q = q.reshape(batch * heads, queries, head_dim) * head_dim ** -0.5
+    k = k.reshape(batch * heads, -1, head_dim)
+    v = v.reshape(batch * heads, -1, head_dim)
+    weights = torch.bmm(q, k.transpose(1, 2)).softmax(dim=-1)
+    return torch.bmm(weights, v).reshape(batch, heads, queries, head_dim)

@@ -36,7 +36,7 @@ from timm.models._manipulate import checkpoint_seq, named_apply
 from timm.models.volo import ClassBlock, rand_bbox
 
 from .checkpoint_io import check_state_dict_fits, load_weights, timm_overlay
-from .graph_forms import tracing_for_deployment
+from .graph_forms import batched_attention, tracing_for_deployment
 
 __all__ = ['LVT', 'LVTCls', 'checkpoint_filter_fn']
 
@@ -128,7 +128,10 @@ class ConvolutionalSelfAttention(nn.Module):
             batch, positions * dim, rows * columns, 1)
         values = self.weight(unfolded).reshape(batch, positions, self.num_heads, self.head_dim, rows * columns)
         values = values.permute(0, 2, 4, 1, 3)  # (B, heads, windows, k^2, head_dim)
-        out = (attn @ values).permute(0, 1, 4, 3, 2).reshape(batch, dim, positions, rows, columns)
+        # one 3-d product per window (a 5-d one leaves its broadcast outside ExecuTorch's XNNPACK delegate)
+        out = torch.bmm(attn.reshape(-1, positions, positions), values.reshape(-1, positions, self.head_dim))
+        out = out.reshape(batch, self.num_heads, rows * columns, positions, self.head_dim).permute(0, 1, 4, 3, 2)
+        out = out.reshape(batch, dim, positions, rows, columns)
         if tracing_for_deployment():
             out = overlap_add_transposed_conv(out, height, width, self.kernel_size, self.stride)
         else:
@@ -164,18 +167,25 @@ class RecursiveAtrousSelfAttention(nn.Module):
             self.sr = self.norm = None
         self.ds = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False)
 
+    def atrous_query(self, query: torch.Tensor, rate: int) -> torch.Tensor:
+        return F.silu(F.conv2d(query, self.ds.weight, padding=rate, dilation=rate, groups=query.shape[1]))
+
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, dim = x.shape
         query = _to_nchw(self.q(x))
-        q = torch.zeros_like(query)
-        for rate in self.atrous_rates:
-            q = q + F.silu(F.conv2d(query, self.ds.weight, padding=rate, dilation=rate, groups=dim))
+        q = self.atrous_query(query, self.atrous_rates[0])
+        for rate in self.atrous_rates[1:]:
+            q = q + self.atrous_query(query, rate)
         q = q.reshape(batch, self.num_heads, self.head_dim, height * width).transpose(-1, -2)
         if self.sr is not None:
             x = self.norm(_to_nhwc(self.sr(_to_nchw(x))))
-        kv = self.kv(x).reshape(batch, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        k, v = kv.unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v)
+        kv = self.kv(x)  # keys and values as channel slices: an unbind leaves a squeeze outside XNNPACK
+        k = kv[..., :dim].reshape(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        v = kv[..., dim:].reshape(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        if tracing_for_deployment():
+            out = batched_attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(batch, height, width, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from timm.utils import reparameterize_model
 
-from classification import benchmark, export, fat, int8, lvt
+from classification import benchmark, export, fat, graph_forms, int8, lvt
 from classification.fat import PointwiseConv, ResidualDepthwiseConv
 from classification.registry import model_names
 from conftest import SHALLOW_FAT_B0_DEPTHS, randomize_norms, run_ok, skip_without_runtime
@@ -110,12 +110,14 @@ def test_deploy_form_keeps_channels_last_and_features():
 @pytest.mark.slow  # traces as the exporters do: left out of the fast tier with the exports
 def test_exported_graphs_take_the_runtime_friendly_attention_and_overlap_add():
     """What torch.export and torch.jit.trace (the TorchScript ONNX exporter's tracer) record: FASA's attention as
-    ``fat.deployment_attention`` (3-d matrix products, each softmax over the last dimension: what ExecuTorch's XNNPACK
-    delegate takes whole) and CSA's overlap-add by transposed convolution, equal to the eager paths to float
-    rounding."""
+    ``fat.deployment_attention`` and RASA's as ``graph_forms.batched_attention`` (3-d matrix products, each softmax
+    over the last dimension: what ExecuTorch's XNNPACK delegate takes whole), CSA's overlap-add by transposed
+    convolution, each equal to the eager path to float rounding."""
     q, k, v = torch.randn(2, 80, 10, 7), torch.randn(2, 80, 3, 3), torch.randn(2, 80, 3, 3)
     heads = [tensor.reshape(2, 5, 16, -1).transpose(-1, -2) for tensor in (q, k, v)]
-    reference = F.scaled_dot_product_attention(*heads).transpose(-1, -2).reshape(10, 16, 70)
+    reference = F.scaled_dot_product_attention(*heads)
+    assert relative_error(graph_forms.batched_attention(*heads), reference) <= 1e-6
+    reference = reference.transpose(-1, -2).reshape(10, 16, 70)
     assert relative_error(fat.deployment_attention(q, k, v, num_heads=5), reference) <= 1e-6
     windows = torch.randn(2, 4, 9, 7, 6)
     torch.testing.assert_close(lvt.overlap_add_transposed_conv(windows, 13, 11, 3, 2),
@@ -132,6 +134,7 @@ def test_exported_graphs_take_the_runtime_friendly_attention_and_overlap_add():
     assert 'aten.matmul' not in str(graph) and 'scaled_dot_product_attention' not in str(graph)
     graph = str(exported_graph('lvt'))
     assert 'aten.conv_transpose2d' in graph and 'aten.slice_scatter' not in graph
+    assert 'aten.bmm' in graph and 'aten.matmul' not in graph and 'scaled_dot_product_attention' not in graph
     for name, present, absent in (('fat_b0', 'aten::bmm', 'aten::scaled_dot_product_attention'),
                                   ('lvt', 'aten::eye', 'aten::add_')):  # the one-hot kernel, no in-place additions
         model = reparameterize_model(timm.create_model(name).eval())
