@@ -1,8 +1,9 @@
 """Which form of an operation a model's forward takes.
 
 FAT and LVT write a few operations twice, equal to float rounding: the form that eager PyTorch and ``torch.compile``
-run fastest (``scaled_dot_product_attention``, overlap-add by ``fold``), and the form that deployment runtimes run
-well (attention computed channels-first, overlap-add by a transposed convolution). A graph recorded for deployment
+run fastest (``scaled_dot_product_attention``, overlap-add by strided additions), and the form that deployment
+runtimes run well (attention as matrix products of 3-d tensors with a softmax over the last dimension, overlap-add by
+a transposed convolution). A graph recorded for deployment
 takes the second: one traced by ``torch.export`` (the exporter's ONNX, OpenVINO and ExecuTorch) or by
 ``torch.jit.trace`` (the legacy TorchScript ONNX exporter).
 """
