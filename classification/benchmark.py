@@ -216,8 +216,9 @@ def runtime_models(models: Dict[str, torch.nn.Module], block: Block, batch_sizes
     runners: Dict[int, Dict[str, Callable]] = {batch_size: {} for batch_size in batch_sizes}
     for name, model in models.items():
         input_size = model.pretrained_cfg['input_size'][-1]
-        calibration = torch.randn(INT8_CALIBRATION_IMAGES, 3, input_size, input_size,
-                                  generator=torch.Generator().manual_seed(0))
+        if block.precision == 'int8':
+            calibration = torch.randn(INT8_CALIBRATION_IMAGES, 3, input_size, input_size,
+                                      generator=torch.Generator().manual_seed(0))
         for batch_size in batch_sizes:
             path = folder / f'{name}_b{batch_size}{export.FORMATS[fmt]}'
             try:

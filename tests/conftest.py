@@ -312,7 +312,7 @@ def skip_without_runtime(fmt: str):
 # FAT-B0 shallower than registered: every module type of the full model (a stride-2 block opening each later stage,
 # a block of each stage's kind after it), in about half the graph. ExecuTorch's lowering and NNCF's quantization grow
 # with the graph, so tests of the tools' own behaviour export this one; the full FAT-B0 is exported in each format by
-# tests/test_timmx.py and by the export command's own tests.
+# tests/test_timmx.py, and by the TorchScript ONNX exporter's command test in tests/test_deploy.py.
 SHALLOW_FAT_B0_DEPTHS = (2, 2, 2, 1)
 
 

@@ -208,12 +208,11 @@ def test_registry_lists_exactly_the_registered_models():
 def test_every_peer_is_a_timm_model_compared_with_a_registered_model():
     from classification.registry import PEERS, published_top1
 
+    fat_models = [entry.name for entry in MODELS.values() if entry.family == 'fat' and entry.paper and entry.published]
     for name, peer in PEERS.items():
         assert timm.is_model(name), name
         assert MODELS[peer.counterpart].paper is not None, name
         # the FAT paper pairs its peers in its tables; a CPU-first peer goes with the FAT model nearest in top-1
-        fat_models = [entry.name for entry in MODELS.values() if entry.family == 'fat' and entry.paper
-                      and entry.published]
         if peer.cpu_first:
             assert peer.counterpart == min(fat_models, key=lambda fat: abs(MODELS[fat].paper.top1 - peer.top1)), name
         assert published_top1(name) == peer.top1
