@@ -29,11 +29,12 @@ after call: PyTorch's OpenMP threads keep spinning after each call and slow a ru
 Ratios between models are taken within a backend; ``--compare-backends`` adds the ratio of one model's median
 latency in one backend to another's in another backend (two blocks of the same run).
 
-``--precision fp32 int8`` adds a block of INT8 models for each runtime that quantizes (OpenVINO, block
-``openvino-int8``): each float32 program quantized by ``classification.int8`` (NNCF, the preset and model type of
-``export --int8``), calibrated on ``INT8_CALIBRATION_IMAGES`` random images. Calibration values change the
-quantization scales, not the graph that runs, so the latency is the INT8 model's; its accuracy is not measured here
-(``export --int8`` measures it on real images), and tables and plots give every block the published float32 top-1.
+``--precision fp32 int8`` adds a block of INT8 models for each runtime (``onnxruntime-int8``, ``openvino-int8``,
+``executorch-int8``), each model quantized as ``export --int8`` quantizes it (``classification.int8``): the float32
+file by ONNX Runtime's quantizer or by NNCF, the PyTorch model by timmx for XNNPACK, calibrated on
+``INT8_CALIBRATION_IMAGES`` random images. Calibration values change the quantization scales, not the graph that
+runs, so the latency is the INT8 model's; its accuracy is not measured here (``export --int8`` measures it on real
+images), and tables and plots give every block the published float32 top-1.
 
 With ``--train-batch-size N`` the training step is timed as well (training form, train mode, AdamW,
 cross-entropy on random labels, forward + backward + optimizer step under the same AMP, memory format and
@@ -185,7 +186,7 @@ RUNTIMES = {'onnxruntime': 'onnx', 'openvino': 'openvino', 'executorch': 'execut
 # PyTorch as the models' authors run them (the training form, NCHW, no compilation).
 BACKENDS = ('torch', 'authors') + tuple(RUNTIMES)
 PRECISIONS = ('fp32', 'int8')
-INT8_RUNTIMES = ('openvino',)  # the runtimes whose models classification.int8 quantizes
+INT8_RUNTIMES = tuple(RUNTIMES)  # the runtimes that time INT8 models
 INT8_CALIBRATION_IMAGES = 32
 
 
@@ -206,12 +207,14 @@ def blocks(backends: Sequence[str], precisions: Sequence[str]) -> List[Block]:
 
 
 def runtime_models(models: Dict[str, torch.nn.Module], block: Block, batch_sizes: Sequence[int], threads: int,
-                   folder: Path, traces: Dict) -> Dict[int, Dict[str, Callable]]:
+                   folder: Path, traces: Dict,
+                   training_forms: Optional[Dict[str, torch.nn.Module]] = None) -> Dict[int, Dict[str, Callable]]:
     """Per batch size, each model (in its inference form) exported by ``classification.export`` for that batch of
     images at its own resolution (static shapes, as a deployed model runs), quantized for an INT8 block, and loaded
     in the block's runtime; a model that fails to export, quantize or load is left out with a message. ``traces``
     keeps the static programs, which every runtime converts, from one block to the next; the runtime's files in
-    ``folder``, from one precision's block to the next (INT8 quantizes float32's file)."""
+    ``folder``, from one precision's block to the next (INT8 quantizes float32's file). ExecuTorch's INT8 programs
+    are quantized from the PyTorch model by timmx, which folds it itself: from ``training_forms``."""
     fmt = RUNTIMES[block.backend]
     runners: Dict[int, Dict[str, Callable]] = {batch_size: {} for batch_size in batch_sizes}
     for name, model in models.items():
@@ -222,13 +225,18 @@ def runtime_models(models: Dict[str, torch.nn.Module], block: Block, batch_sizes
         for batch_size in batch_sizes:
             path = folder / f'{name}_b{batch_size}{export.FORMATS[fmt]}'
             try:
-                if (name, batch_size) not in traces:
-                    traces[name, batch_size] = export.trace(model, input_size, fmt, batch_size=batch_size)
-                if not path.exists():
-                    export.export(model, path, fmt, input_size, traced=traces[name, batch_size])
-                if block.precision == 'int8':
-                    path = int8.quantize(path, path.with_name(f'{path.stem}_int8{path.suffix}'), calibration,
-                                         batch_size=batch_size)
+                if block == Block('executorch', 'int8'):
+                    path = path.with_name(f'{path.stem}_int8{path.suffix}')
+                    export.export_with_timmx(training_forms[name], name, path, fmt, input_size, calibration,
+                                             batch_size=batch_size)
+                else:
+                    if (name, batch_size) not in traces:
+                        traces[name, batch_size] = export.trace(model, input_size, fmt, batch_size=batch_size)
+                    if not path.exists():
+                        export.export(model, path, fmt, input_size, traced=traces[name, batch_size])
+                    if block.precision == 'int8':
+                        path = int8.quantize(path, path.with_name(f'{path.stem}_int8{path.suffix}'), calibration,
+                                             fmt, batch_size=batch_size)
                 runners[batch_size][name] = export.load_runtime(path, fmt, threads)
             except Exception as error:  # noqa: BLE001  (a peer that a runtime cannot take is reported, not fatal)
                 print(f'{block.name}: {name} at batch {batch_size} left out ({type(error).__name__}: '
@@ -336,13 +344,16 @@ def _load_average() -> Optional[float]:
 
 def time_backend(backend: str, args: argparse.Namespace, models: Dict[str, torch.nn.Module], device: torch.device,
                  amp_dtype: Optional[torch.dtype], traces: Dict, precision: str = 'fp32',
-                 folder: Optional[Path] = None) -> Dict[str, Dict[str, List[float]]]:
+                 folder: Optional[Path] = None,
+                 training_forms: Optional[Dict[str, torch.nn.Module]] = None) -> Dict[str, Dict[str, List[float]]]:
     """Seconds per round of every model in one backend at one precision, per figure (``latency_ms``,
-    ``throughput_bN``, ...); ``traces`` and ``folder`` (a runtime's files): see ``runtime_models``."""
+    ``throughput_bN``, ...); ``traces``, ``folder`` (a runtime's files) and ``training_forms``: see
+    ``runtime_models``."""
     input_sizes = {name: model.pretrained_cfg['input_size'][-1] for name, model in models.items()}
     if backend in RUNTIMES:
         batch_sizes = [1, *args.throughput_batch_sizes]
-        runners = runtime_models(models, Block(backend, precision), batch_sizes, args.threads, folder, traces)
+        runners = runtime_models(models, Block(backend, precision), batch_sizes, args.threads, folder, traces,
+                                 training_forms)
         time.sleep(1)  # let the threads of the exports' PyTorch calls go idle before timing
         timings = {}
         if args.latency_rounds:
@@ -453,7 +464,8 @@ def run(args: argparse.Namespace) -> Dict:
         with files as folder:
             for block in backend_blocks:
                 timings[block.name] = time_backend(backend, args, runtime_forms if runtime else models, device,
-                                                   amp_dtype, traces, block.precision, folder and Path(folder))
+                                                   amp_dtype, traces, block.precision, folder and Path(folder),
+                                                   training_forms=models)
                 block_rows, block_comparisons = backend_figures(block, model_rows, timings[block.name], args.compare)
                 rows += block_rows
                 comparisons += block_comparisons
@@ -633,7 +645,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              'run the inference form exported by classification.export, on the CPU)')
     parser.add_argument('--precision', nargs='+', choices=PRECISIONS, default=['fp32'], metavar='PRECISION',
                         help=f'fp32, int8 (default: fp32); int8 is timed in {", ".join(INT8_RUNTIMES)}, each model '
-                             'quantized by NNCF as export --int8 does, in a block of its own (e.g. openvino-int8)')
+                             'quantized as export --int8 does, in a block of its own (e.g. openvino-int8)')
     parser.add_argument('--compare-backends', nargs='*', metavar='B/A:B/A',
                         help='pairs BACKEND/MODEL:BACKEND/MODEL whose latency ratio is printed (default: fat_b0 in '
                              'each backend against fat_b0 in authors, when measured)')
@@ -709,10 +721,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error('--precision lists a precision twice')
     if 'int8' in args.precision:
         if not set(args.backend) & set(INT8_RUNTIMES):
-            parser.error(f'--precision int8 is timed in {", ".join(INT8_RUNTIMES)} (NNCF post-training quantization): '
-                         f'add --backend {INT8_RUNTIMES[0]}')
+            parser.error(f'--precision int8 is timed in the runtimes: add --backend {" or ".join(INT8_RUNTIMES)}')
         try:
-            int8.require()
+            for backend in set(args.backend) & set(INT8_RUNTIMES):
+                int8.require(RUNTIMES[backend])
         except dependencies.MissingDependency as error:
             parser.error(str(error))
     if args.compare_backends is None:

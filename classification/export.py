@@ -3,7 +3,7 @@
     python -m classification.export --model fat_b0 [--checkpoint PATH] --format onnx|openvino|executorch
         --output PATH [--img-size N] [--training-form] [--no-verify]
         [--opset 18] [--exporter dynamo|torchscript]        (ONNX only)
-        [--int8 --calibration-data DIR [--calibration-samples 300] [--min-agreement 0.9]]    (OpenVINO, ExecuTorch)
+        [--int8 --calibration-data DIR [--calibration-samples 300] [--min-agreement 0.9]]    (all three)
     python -m classification.export --model fat_b0 [--checkpoint PATH] --format torch-export|coreml|litert|tensorrt
         --output PATH [--img-size N] [--no-verify]                                          (through timmx)
 
@@ -35,11 +35,11 @@ an export to an existing path replaces it.
 size; the command checks torch.export's archive against PyTorch as above, timmx the others where their runtime runs.
 
 ``--int8`` writes an INT8 model instead, calibrated on images of ``--calibration-data`` (``classification.int8``):
-for OpenVINO, NNCF's post-training quantization of the float32 export, after its check; for ExecuTorch, timmx's
-XNNPACK quantization (PyTorch's PT2E static quantization, per channel) at the example's size and batch 1. The
-command prints the INT8 model's top-1 agreement with float32 on held-out images of the folder (and both models'
-top-1 there where the folder has a subfolder per class), and writes it only if the agreement reaches
-``--min-agreement``.
+for OpenVINO, NNCF's post-training quantization of the float32 export, after its check; for ONNX, ONNX Runtime's
+static quantization of it, likewise; for ExecuTorch, timmx's XNNPACK quantization (PyTorch's PT2E static
+quantization, per channel) at the example's size and batch 1. The command prints the INT8 model's top-1 agreement
+with float32 on held-out images of the folder (and both models' top-1 there where the folder has a subfolder per
+class), and writes it only if the agreement reaches ``--min-agreement``.
 """
 import argparse
 import contextlib
@@ -75,7 +75,7 @@ FORMATS = {'onnx': '.onnx', 'openvino': '.xml', 'executorch': '.pte'}  # the fil
 # (so that those three stay this module's, with any height and width). torch.export's takes any batch.
 TIMMX_FORMATS = {'torch-export': '.pt2', 'coreml': '.mlpackage', 'litert': '.tflite', 'tensorrt': '.engine'}
 SUFFIXES = {**FORMATS, **TIMMX_FORMATS}
-INT8_FORMATS = ('openvino', 'executorch')  # --int8: NNCF for OpenVINO, timmx (XNNPACK) for ExecuTorch
+INT8_FORMATS = ('onnx', 'openvino', 'executorch')  # --int8: int8.QUANTIZERS, timmx (XNNPACK) for ExecuTorch
 
 
 class RuntimeMissing(RuntimeError):
@@ -273,11 +273,12 @@ def export_executorch(traced: Traced, output: Path):
 
 
 def export_with_timmx(model: torch.nn.Module, name: str, output: Path, fmt: str, img_size: int,
-                      calibration: Optional[torch.Tensor] = None):
+                      calibration: Optional[torch.Tensor] = None, batch_size: int = 1):
     """Write ``model`` (registered as ``name``, in its training form: timmx folds it) in the timmx format ``fmt``
     to ``output`` for ``img_size`` images, through a state dict that timm's loader reads; a failed export leaves
     nothing, a successful one replaces ``output``. With ``calibration`` (preprocessed images; ExecuTorch): INT8,
-    statically quantized for XNNPACK on those images, unchecked (the caller checks it)."""
+    statically quantized for XNNPACK on those images, for batches of ``batch_size``, unchecked (the caller checks
+    it)."""
     import timmx
 
     with _replacing(output, [output.suffix]) as staged:
@@ -287,7 +288,7 @@ def export_with_timmx(model: torch.nn.Module, name: str, output: Path, fmt: str,
         if calibration is not None:
             images = staged.with_name('calibration.pt')
             torch.save(calibration, images)
-            options.update(mode='int8', calibration_data=images, verify=False)
+            options.update(mode='int8', calibration_data=images, batch_size=batch_size, verify=False)
         timmx.export_model(fmt, name, checkpoint=weights, num_classes=model.num_classes,
                            input_size=(3, img_size, img_size), output=staged, **options)
 
@@ -402,8 +403,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--opset', type=int, help='ONNX opset (default: 18 for dynamo, 17 for torchscript)')
     parser.add_argument('--exporter', choices=tuple(MIN_OPSET), help='ONNX exporter (default: dynamo)')
     parser.add_argument('--int8', action='store_true',
-                        help='quantize to INT8, calibrated on --calibration-data (OpenVINO: NNCF; ExecuTorch: '
-                             'XNNPACK through timmx)')
+                        help='quantize to INT8, calibrated on --calibration-data (OpenVINO: NNCF; ONNX: ONNX '
+                             'Runtime\'s quantizer; ExecuTorch: XNNPACK through timmx)')
     parser.add_argument('--calibration-data', type=Path, metavar='DIR',
                         help='images for --int8, read as the model evaluates (a subfolder per class: top-1 too)')
     parser.add_argument('--calibration-samples', type=int, default=int8.CALIBRATION_SAMPLES, metavar='N',
@@ -415,7 +416,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.int8:
         if args.fmt not in INT8_FORMATS:
-            parser.error(f'--int8 is implemented for --format {" and ".join(INT8_FORMATS)}')
+            parser.error(f'--int8 is implemented for --format {", ".join(INT8_FORMATS)}')
         if args.calibration_data is None:
             parser.error('--int8 needs --calibration-data DIR, a folder of images to calibrate on')
         if not args.calibration_data.is_dir():
@@ -544,16 +545,17 @@ def report_errors(fmt: str, label: str, shapes: Sequence[Tuple[int, int, int, in
         sys.exit(f'error: {fmt} differs from PyTorch by {max(errors):.2e} relative, more than {VERIFY_TOLERANCE:g}')
 
 
-def quantize_and_check(args: argparse.Namespace, model: torch.nn.Module, fp32_xml: Path,
+def quantize_and_check(args: argparse.Namespace, model: torch.nn.Module, fp32_path: Path,
                        calibration: 'int8.CalibrationData', steps):
-    """Quantize ``fp32_xml`` into ``args.output`` where its held-out agreement with float32 reaches
-    ``args.min_agreement``; exit with the figures otherwise, writing nothing."""
-    steps.set_description(f'{args.fmt}: quantizing to INT8 (NNCF)')
-    with _replacing(args.output, ['.xml', '.bin']) as staged:
-        int8.quantize(fp32_xml, staged.with_suffix('.xml'), calibration.calibration)
+    """Quantize the float32 export ``fp32_path`` into ``args.output`` where its held-out agreement with float32
+    reaches ``args.min_agreement``; exit with the figures otherwise, writing nothing."""
+    steps.set_description(f'{args.fmt}: quantizing to INT8 ({int8.QUANTIZERS[args.fmt]})')
+    suffix = FORMATS[args.fmt]
+    with _replacing(args.output, [suffix] + (['.bin'] if args.fmt == 'openvino' else [])) as staged:
+        int8.quantize(fp32_path, staged.with_suffix(suffix), calibration.calibration, args.fmt)
         steps.update()
         steps.set_description(f'{args.fmt}: checking INT8 against float32')
-        check_agreement(args, int8.check_held_out(model, staged.with_suffix('.xml'), 'openvino', calibration))
+        check_agreement(args, int8.check_held_out(model, staged.with_suffix(suffix), args.fmt, calibration))
         steps.update()
 
 

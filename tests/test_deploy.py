@@ -263,8 +263,8 @@ def test_export_names_a_checkpoint_of_another_variant(tmp_path, monkeypatch):
     (['--format', 'executorch', '--output', 'x.pte', '--opset', '18'], '--opset and --exporter apply to --format onnx'),
     (['--format', 'onnx', '--output', 'x.onnx', '--img-size', '16'], 'the image size must be at least 33'),
     (['--format', 'onnx', '--output', 'x.onnx', '--checkpoint', 'missing.pth'], '--checkpoint missing.pth: no such'),
-    (['--format', 'onnx', '--output', 'x.onnx', '--int8', '--calibration-data', '.'],
-     '--int8 is implemented for --format openvino and executorch'),
+    (['--format', 'torch-export', '--output', 'x.pt2', '--int8', '--calibration-data', '.'],
+     '--int8 is implemented for --format onnx, openvino, executorch'),
     (['--format', 'openvino', '--output', 'x.xml', '--int8'], '--int8 needs --calibration-data DIR'),
     (['--format', 'openvino', '--output', 'x.xml', '--int8', '--calibration-data', 'missing'],
      '--calibration-data missing: no such folder'),
@@ -405,8 +405,8 @@ def test_benchmark_times_each_runtime_in_its_own_block(tmp_path, capsys, monkeyp
 
     quantized_ops, nncf_quantize = [], int8.quantize
 
-    def quantize(fp32_xml, output_xml, calibration, batch_size):
-        written = nncf_quantize(fp32_xml, output_xml, calibration, batch_size=batch_size)
+    def quantize(fp32_xml, output_xml, calibration, fmt, batch_size):
+        written = nncf_quantize(fp32_xml, output_xml, calibration, fmt, batch_size=batch_size)
         ops = openvino.Core().read_model(str(written)).get_ops()
         quantized_ops.append((batch_size, sum(op.get_type_name() == 'FakeQuantize' for op in ops)))
         return written
@@ -452,6 +452,48 @@ def test_benchmark_times_each_runtime_in_its_own_block(tmp_path, capsys, monkeyp
 
 
 @pytest.mark.slow
+def test_benchmark_int8_blocks_of_onnxruntime_and_executorch(tmp_path, capsys, monkeypatch):
+    """ONNX Runtime's INT8 block runs the float32 files quantized (its fused integer operations), ExecuTorch's the
+    programs that timmx quantized from the training form, at each batch size. One of timm's test models: the blocks
+    are under test (tests/test_int8.py quantizes FAT-B0 in each runtime)."""
+    for fmt in ('onnx', 'executorch'):
+        skip_without_runtime(fmt)
+    pytest.importorskip('onnxruntime.quantization')
+    pytest.importorskip('timmx')
+    import onnx
+
+    quantized, onnx_quantize = [], int8.quantize
+
+    def quantize(fp32_path, output_path, calibration, fmt, batch_size):
+        written = onnx_quantize(fp32_path, output_path, calibration, fmt, batch_size=batch_size)
+        ops = [node.op_type for node in onnx.load(str(written)).graph.node]
+        quantized.append((fmt, fp32_path.name, batch_size, ops.count('QuantizeLinear') > 5, 'Conv' in ops))
+        return written
+    monkeypatch.setattr(int8, 'quantize', quantize)
+    lowered, timmx_export = [], export.export_with_timmx
+
+    def export_with_timmx(model, name, path, fmt, img_size, calibration, batch_size):
+        lowered.append((name, path.name, img_size, tuple(calibration.shape), batch_size))
+        return timmx_export(model, name, path, fmt, img_size, calibration, batch_size=batch_size)
+    monkeypatch.setattr(export, 'export_with_timmx', export_with_timmx)
+    benchmark.main(['--models', 'test_efficientnet', '--backend', 'onnxruntime', 'executorch', '--precision', 'int8',
+                    '--warmup', '1', '--latency-rounds', '2', '--throughput-batch-sizes', '2', '--throughput-warmup',
+                    '0', '--throughput-rounds', '1', '--no-flops', '--output-dir', str(tmp_path)])
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / 'benchmark.json').read_text())
+    assert result['settings']['blocks'] == ['onnxruntime-int8', 'executorch-int8']
+    assert [(row['backend'], row['precision'], row['model']) for row in result['rows']] == [
+        ('onnxruntime-int8', 'int8', 'test_efficientnet'), ('executorch-int8', 'int8', 'test_efficientnet')]
+    assert all(row['latency_ms'] > 0 and row['throughput_b2'] > 0 for row in result['rows'])
+    assert 'left out' not in printed
+    # quantize-dequantize pairs around the float32 file's operations, at each batch size
+    assert quantized == [('onnx', f'test_efficientnet_b{batch}.onnx', batch, True, True) for batch in (1, 2)]
+    # timmx built the model by name from the training form's weights and quantized it on 32 random images
+    assert lowered == [('test_efficientnet', f'test_efficientnet_b{batch}_int8.pte', 160, (32, 3, 160, 160), batch)
+                       for batch in (1, 2)]
+
+
+@pytest.mark.slow
 def test_benchmark_tiny_run_writes_table_csv_and_json(tmp_path, capsys):
     benchmark.main(['--models', 'fat_b0', 'edgenext_x_small', '--warmup', '1', '--latency-rounds', '2',
                     '--throughput-batch-sizes', '2', '--throughput-warmup', '0', '--throughput-rounds', '1',
@@ -491,8 +533,8 @@ def test_benchmark_tiny_run_writes_table_csv_and_json(tmp_path, capsys):
     (['--backend', 'tensorrt'], "argument --backend: invalid choice: 'tensorrt'"),
     (['--backend', 'openvino', 'openvino'], '--backend lists a backend twice'),
     (['--compare-backends', 'openvino:fat_b0'], '--compare-backends takes pairs BACKEND/MODEL:BACKEND/MODEL'),
-    (['--precision', 'int8'], '--precision int8 is timed in openvino (NNCF post-training quantization): add --backend '
-                              'openvino'),
+    (['--precision', 'int8'], '--precision int8 is timed in the runtimes: add --backend onnxruntime or openvino or '
+                              'executorch'),
     (['--precision', 'fp32', 'fp32'], '--precision lists a precision twice'),
     (['--precision', 'fp16'], "argument --precision: invalid choice: 'fp16'"),
 ])
@@ -504,7 +546,7 @@ def test_benchmark_rejects_bad_arguments(argv, message, capsys):
 
 def test_benchmark_blocks_are_each_backend_at_each_precision_it_runs():
     assert [block.name for block in benchmark.blocks(['authors', 'onnxruntime', 'openvino'], ['fp32', 'int8'])] == [
-        'authors', 'onnxruntime', 'openvino', 'openvino-int8']
+        'authors', 'onnxruntime', 'onnxruntime-int8', 'openvino', 'openvino-int8']
     assert [block.name for block in benchmark.blocks(['openvino'], ['int8'])] == ['openvino-int8']
 
 

@@ -1,6 +1,6 @@
-"""INT8 export (``--int8``, classification/int8.py): NNCF's quantization for OpenVINO and timmx's XNNPACK quantization
-for ExecuTorch, calibrated on a folder of images, their agreement with float32 on the folder's held-out images, and
-the floor below which nothing is written."""
+"""INT8 export (``--int8``, classification/int8.py): NNCF's quantization for OpenVINO, ONNX Runtime's for ONNX and
+timmx's XNNPACK quantization for ExecuTorch, calibrated on a folder of images, their agreement with float32 on the
+folder's held-out images, and the floor below which nothing is written."""
 import importlib.util
 import re
 from pathlib import Path
@@ -9,6 +9,7 @@ from typing import Callable
 import pytest
 import timm
 import torch
+from timm.utils import reparameterize_model
 
 from classification import export, int8
 from classification.predict import preprocessing
@@ -111,7 +112,7 @@ def test_int8_export_reports_its_agreement_and_is_written_only_above_the_floor(t
 
     monkeypatch.setattr(export, 'trace', lambda *args, **kwargs: None)
     monkeypatch.setattr(export, 'export', lambda model, path, *args, **kwargs: copy_written(path))
-    monkeypatch.setattr(int8, 'quantize', lambda fp32_xml, path, calibration: copy_written(path))
+    monkeypatch.setattr(int8, 'quantize', lambda fp32_xml, path, calibration, fmt: copy_written(path))
     monkeypatch.setattr(int8, 'check_held_out', lambda *args: int8.HeldOutResult(12, 0.5, None, None))
     with pytest.raises(SystemExit) as stop:
         export.main(['--model', 'fat_b0', '--checkpoint', str(checkpoint), '--format', 'openvino', '--output',
@@ -120,6 +121,49 @@ def test_int8_export_reports_its_agreement_and_is_written_only_above_the_floor(t
                                'than --min-agreement 0.9; nothing written')
     assert {suffix: output.with_suffix(suffix).read_bytes() for suffix in written} == written
     assert sorted(path.name for path in output.parent.iterdir()) == ['fat_b0_int8.bin', 'fat_b0_int8.xml']
+
+
+@pytest.mark.slow
+def test_onnx_int8_export_by_onnx_runtimes_quantizer_reports_its_agreement(tmp_path, capsys, shallow_fat_b0):
+    pytest.importorskip('onnxruntime.quantization')
+    import onnx
+
+    checkpoint = fat_b0_checkpoint(tmp_path)
+    images = write_image_folder(tmp_path / 'images', train_per_class=20, val_per_class=0) / 'train'
+    output = tmp_path / 'out' / 'fat_b0_int8.onnx'
+    export.main(['--model', 'fat_b0', '--checkpoint', str(checkpoint), '--format', 'onnx', '--output', str(output),
+                 '--img-size', '64', '--int8', '--calibration-data', str(images), '--min-agreement', '0'])
+    printed = capsys.readouterr().out
+    assert f'wrote {output} (fat_b0, onnx, opset 18, dynamo exporter, INT8, inference form)' in printed
+    errors = [float(line.rsplit(' ', 1)[1]) for line in printed.splitlines() if 'float32 vs PyTorch' in line]
+    assert len(errors) == 2 and max(errors) <= 1e-4
+    assert [path.name for path in output.parent.iterdir()] == ['fat_b0_int8.onnx']
+    graph = onnx.load(str(output)).graph
+    quantized_weights = [tensor for tensor in graph.initializer if tensor.data_type == onnx.TensorProto.INT8]
+    assert len(quantized_weights) > 50  # every convolution's and linear layer's weights, in int8
+    # the batch, height and width stay those of the float32 export: any
+    assert [dim.dim_param != '' for dim in graph.input[0].type.tensor_type.shape.dim] == [True, False, True, True]
+
+    run = export.load_runtime(output, 'onnx')
+    assert_printed_figures_are_the_written_models(printed, images, checkpoint,
+                                                  lambda held_out: torch.from_numpy(run(held_out.numpy())).argmax(-1))
+
+
+@pytest.mark.slow
+def test_onnx_quantization_of_a_graph_whose_shapes_onnx_runtime_cannot_infer_symbolically(tmp_path):
+    """EdgeNeXt's graph, on which ONNX Runtime's symbolic shape inference fails (an ``Expand``), as the benchmark
+    exports it: quantized all the same, and its INT8 logits follow float32's."""
+    pytest.importorskip('onnxruntime.quantization')
+    import onnx
+
+    model = reparameterize_model(timm.create_model('edgenext_xx_small').eval())
+    fp32 = tmp_path / 'edgenext_xx_small.onnx'
+    export.export(model, fp32, 'onnx', 64, traced=export.trace(model, 64, 'onnx', batch_size=1))
+    images = torch.randn(9, 3, 64, 64)
+    written = int8.quantize(fp32, tmp_path / 'edgenext_xx_small_int8.onnx', images[:8], 'onnx')
+    assert [node.op_type for node in onnx.load(str(written)).graph.node].count('QuantizeLinear') > 20
+    logits = [torch.from_numpy(export.load_runtime(path, 'onnx')(images[8:].numpy())) for path in (fp32, written)]
+    assert torch.corrcoef(torch.cat(logits))[0, 1] > 0.9
 
 
 @pytest.mark.slow
