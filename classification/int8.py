@@ -133,9 +133,10 @@ def _quantize_onnx(fp32_onnx: Path, output_onnx: Path, batches: Sequence[np.ndar
     """ONNX Runtime's static quantization, as its documentation sets it for CPUs: the model pre-processed (ONNX's
     shape inference, the graph optimized), then quantize-dequantize pairs around each operation, per channel,
     activations in uint8 and weights in int8, which ONNX Runtime's CPU kernels fuse into integer operations
-    (``QLinearConv``...). ONNX Runtime's symbolic shape inference is skipped: it fails on EdgeNeXt's ``Expand``, and
-    FAT-B0's quantized graph was the same without it. NNCF's ONNX quantization was measured beside this one: its
-    pairs stayed around float kernels, and FAT-B0 ran at 2.2-2.6x float32's latency."""
+    (``QLinearConv``...). ONNX Runtime's symbolic shape inference is skipped: it fails on EdgeNeXt's ``Expand``
+    (leaving files in the working directory), and FAT-B0's quantized graph was the same without it. NNCF's ONNX
+    quantization was measured beside this one: its pairs stayed around float kernels, and FAT-B0 ran at 2.2-2.6x
+    float32's latency."""
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
                                           quantize_static)

@@ -124,10 +124,14 @@ def test_int8_export_reports_its_agreement_and_is_written_only_above_the_floor(t
 
 
 @pytest.mark.slow
-def test_onnx_int8_export_by_onnx_runtimes_quantizer_reports_its_agreement(tmp_path, capsys, shallow_fat_b0):
+def test_onnx_int8_export_by_onnx_runtimes_quantizer_reports_its_agreement(tmp_path, capsys, monkeypatch,
+                                                                           shallow_fat_b0):
     pytest.importorskip('onnxruntime.quantization')
     import onnx
 
+    working_directory = tmp_path / 'cwd'  # ONNX Runtime's shape inference leaves files in it where it fails
+    working_directory.mkdir()
+    monkeypatch.chdir(working_directory)
     checkpoint = fat_b0_checkpoint(tmp_path)
     images = write_image_folder(tmp_path / 'images', train_per_class=20, val_per_class=0) / 'train'
     output = tmp_path / 'out' / 'fat_b0_int8.onnx'
@@ -138,6 +142,7 @@ def test_onnx_int8_export_by_onnx_runtimes_quantizer_reports_its_agreement(tmp_p
     errors = [float(line.rsplit(' ', 1)[1]) for line in printed.splitlines() if 'float32 vs PyTorch' in line]
     assert len(errors) == 2 and max(errors) <= 1e-4
     assert [path.name for path in output.parent.iterdir()] == ['fat_b0_int8.onnx']
+    assert not any(working_directory.iterdir())
     graph = onnx.load(str(output)).graph
     quantized_weights = [tensor for tensor in graph.initializer if tensor.data_type == onnx.TensorProto.INT8]
     assert len(quantized_weights) > 50  # every convolution's and linear layer's weights, in int8
