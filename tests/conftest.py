@@ -6,6 +6,7 @@ import runpy
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -309,23 +310,32 @@ def skip_without_runtime(fmt: str):
         pytest.skip(str(missing))
 
 
-# FAT-B0 shallower than registered: every module type of the full model (a stride-2 block opening each later stage,
+# FAT-B0, an ablation model (its projection takes both branches) and LVT, whose graph depends on the input size, each
+# shallower than registered: every module type of the full model (for FAT, a stride-2 block opening each later stage,
 # a block of each stage's kind after it), in about half the graph. ExecuTorch's lowering and NNCF's quantization grow
-# with the graph, so tests of the tools' own behaviour export this one; the full FAT-B0 is exported in each format by
-# tests/test_timmx.py, and by the TorchScript ONNX exporter's command test in tests/test_deploy.py.
+# with the graph, so tests of the tools' own behaviour export these; the full models are exported to ONNX and
+# OpenVINO by tests/test_timmx.py, and the full FAT-B0 by the TorchScript ONNX exporter's command test in
+# tests/test_deploy.py.
 SHALLOW_FAT_B0_DEPTHS = (2, 2, 2, 1)
+SHALLOW_MODELS = {'fat_b0': dict(depths=SHALLOW_FAT_B0_DEPTHS), 'fat_b0_cat': dict(depths=SHALLOW_FAT_B0_DEPTHS),
+                  'lvt_cls': dict(depths=(1, 1, 1, 1), num_class_blocks=1)}
 
 
-@pytest.fixture
-def shallow_fat_b0(monkeypatch):
-    """Within the test, ``fat_b0`` built by name, by whichever caller (the exporter, the benchmark, timmx, the test),
-    has ``SHALLOW_FAT_B0_DEPTHS``."""
+def build_shallow_by_name(monkeypatch, names: Sequence[str]):
+    """Within the test, the models ``names`` built by name, by whichever caller (the exporter, the benchmark, timmx,
+    the test), take their ``SHALLOW_MODELS`` arguments."""
     import timm
 
     create_model = timm.create_model
 
     def create_shallow(name, *args, **kwargs):
-        if name == 'fat_b0':
-            kwargs.setdefault('depths', SHALLOW_FAT_B0_DEPTHS)
+        if name in names:
+            kwargs = {**SHALLOW_MODELS[name], **kwargs}
         return create_model(name, *args, **kwargs)
     monkeypatch.setattr(timm, 'create_model', create_shallow)
+
+
+@pytest.fixture
+def shallow_fat_b0(monkeypatch):
+    """Within the test, ``fat_b0`` built by name has ``SHALLOW_FAT_B0_DEPTHS`` (``build_shallow_by_name``)."""
+    build_shallow_by_name(monkeypatch, ['fat_b0'])

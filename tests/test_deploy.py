@@ -15,7 +15,7 @@ from timm.utils import reparameterize_model
 from classification import benchmark, export, fat, graph_forms, int8, lvt
 from classification.fat import PointwiseConv, ResidualDepthwiseConv
 from classification.registry import model_names
-from conftest import SHALLOW_FAT_B0_DEPTHS, randomize_norms, run_ok, skip_without_runtime
+from conftest import SHALLOW_FAT_B0_DEPTHS, SHALLOW_MODELS, randomize_norms, run_ok, skip_without_runtime
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -143,14 +143,10 @@ def test_exported_graphs_take_the_runtime_friendly_attention_and_overlap_add():
         assert present in kinds and absent not in kinds
 
 
-# FAT-B0, an ablation model (its projection takes both branches) and LVT, whose graph depends on the input size, each
-# shallower than registered: every module type of the full model, in a graph that ExecuTorch lowers in a fraction of
-# the time (its lowering grows with the graph: FAT-B0 119 s, this FAT-B0 80 s on a 2-core CPU). The full FAT-B0 goes
-# through the TorchScript exporter's command test here and every format in tests/test_timmx.py. ExecuTorch's lowering, the slowest step (this FAT-B0's bounded dynamic program:
-# 93 s on one core), runs for FAT-B0 here; the other two lower, registered and static, in tests/test_timmx.py.
-EXPORTED_MODELS = {'fat_b0': dict(depths=SHALLOW_FAT_B0_DEPTHS), 'fat_b0_cat': dict(depths=SHALLOW_FAT_B0_DEPTHS),
-                   'lvt_cls': dict(depths=(1, 1, 1, 1), num_class_blocks=1)}
-EXPORTS = [(name, fmt) for name in EXPORTED_MODELS for fmt in export.FORMATS if fmt != 'executorch' or name == 'fat_b0']
+# The shallow models (conftest.SHALLOW_MODELS) in every format; ExecuTorch's lowering, the slowest step (this
+# FAT-B0's bounded dynamic program: 93 s on one core), runs for FAT-B0 here; the other two lower, static, in
+# tests/test_timmx.py.
+EXPORTS = [(name, fmt) for name in SHALLOW_MODELS for fmt in export.FORMATS if fmt != 'executorch' or name == 'fat_b0']
 
 
 @pytest.fixture(scope='module')
@@ -161,7 +157,7 @@ def traced_models():
     def get(name: str, fmt: str):
         if name not in cache:
             torch.manual_seed(0)
-            cache[name] = (reparameterize_model(randomize_norms(timm.create_model(name, **EXPORTED_MODELS[name]))),
+            cache[name] = (reparameterize_model(randomize_norms(timm.create_model(name, **SHALLOW_MODELS[name]))),
                            {})
         model, traces = cache[name]
         bounded = fmt == 'executorch'

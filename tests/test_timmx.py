@@ -1,8 +1,9 @@
 """timm's maintained exporter, timmx, over our registered models as it calls every timm model: by name, built in
 training mode, fused with ``timm.utils.reparameterize_model`` before ``eval()`` (which FAT's fusion once refused),
-with a checkpoint read by timm's own loader. The full models, static at one 64-pixel image: ExecuTorch's lowering of
-the ablation model and of LVT is tested here only (tests/test_deploy.py lowers FAT-B0's bounded dynamic program).
-Then the export command's formats that timmx writes for it (``export.TIMMX_FORMATS``)."""
+with a checkpoint read by timm's own loader, static at one 64-pixel image. The full models in ONNX and OpenVINO; in
+ExecuTorch, whose lowering grows with the graph, the shallow ones (conftest.SHALLOW_MODELS, every module type):
+ExecuTorch's lowering of the ablation model and of LVT is tested here only (tests/test_deploy.py lowers FAT-B0's
+bounded dynamic program). Then the export command's formats that timmx writes for it (``export.TIMMX_FORMATS``)."""
 import re
 
 import pytest
@@ -10,17 +11,19 @@ import timm
 import torch
 
 from classification import export
-from conftest import randomize_norms, skip_without_runtime
+from conftest import build_shallow_by_name, randomize_norms, skip_without_runtime
 
 timmx = pytest.importorskip('timmx', reason='timmx is not installed (make setup-extras)')
 
-pytestmark = pytest.mark.slow  # each test exports a full model
+pytestmark = pytest.mark.slow  # each test exports a model
 
 
 @pytest.mark.parametrize('fmt', tuple(export.FORMATS))
 @pytest.mark.parametrize('name', ('fat_b0', 'fat_b0_cat', 'lvt_cls'))
-def test_timmx_exports_the_model_by_name_and_its_runtime_agrees_with_pytorch(name, fmt, tmp_path):
+def test_timmx_exports_the_model_by_name_and_its_runtime_agrees_with_pytorch(name, fmt, tmp_path, monkeypatch):
     skip_without_runtime(fmt)
+    if fmt == 'executorch':
+        build_shallow_by_name(monkeypatch, [name])
     model = randomize_norms(timm.create_model(name))  # statistics that a forgotten fusion would show
     checkpoint = tmp_path / f'{name}.pth'
     torch.save(model.state_dict(), checkpoint)
