@@ -224,10 +224,10 @@ def runtime_models(models: Dict[str, torch.nn.Module], block: Block, batch_sizes
                                       generator=torch.Generator().manual_seed(0))
         for batch_size in batch_sizes:
             path = folder / f'{name}_b{batch_size}{export.FORMATS[fmt]}'
+            int8_path = path.with_name(f'{path.stem}_int8{path.suffix}')
             try:
                 if block == Block('executorch', 'int8'):
-                    path = path.with_name(f'{path.stem}_int8{path.suffix}')
-                    export.export_with_timmx(training_forms[name], name, path, fmt, input_size, calibration,
+                    export.export_with_timmx(training_forms[name], name, int8_path, fmt, input_size, calibration,
                                              batch_size=batch_size)
                 else:
                     if (name, batch_size) not in traces:
@@ -235,9 +235,9 @@ def runtime_models(models: Dict[str, torch.nn.Module], block: Block, batch_sizes
                     if not path.exists():
                         export.export(model, path, fmt, input_size, traced=traces[name, batch_size])
                     if block.precision == 'int8':
-                        path = int8.quantize(path, path.with_name(f'{path.stem}_int8{path.suffix}'), calibration,
-                                             fmt, batch_size=batch_size)
-                runners[batch_size][name] = export.load_runtime(path, fmt, threads)
+                        int8.quantize(path, int8_path, calibration, fmt, batch_size=batch_size)
+                runners[batch_size][name] = export.load_runtime(int8_path if block.precision == 'int8' else path,
+                                                                fmt, threads)
             except Exception as error:  # noqa: BLE001  (a peer that a runtime cannot take is reported, not fatal)
                 print(f'{block.name}: {name} at batch {batch_size} left out ({type(error).__name__}: '
                       f'{str(error).splitlines()[0][:200]})')

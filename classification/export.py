@@ -78,6 +78,11 @@ SUFFIXES = {**FORMATS, **TIMMX_FORMATS}
 INT8_FORMATS = ('onnx', 'openvino', 'executorch')  # --int8: int8.QUANTIZERS, timmx (XNNPACK) for ExecuTorch
 
 
+def written_suffixes(fmt: str) -> List[str]:
+    """The suffixes of the files that an export in ``fmt`` writes: ``FORMATS[fmt]``, and OpenVINO's weights."""
+    return [FORMATS[fmt]] + (['.bin'] if fmt == 'openvino' else [])
+
+
 class RuntimeMissing(RuntimeError):
     """The package of a runtime is not installed."""
 
@@ -259,7 +264,7 @@ def export_openvino(traced: Traced, output: Path):
     converted = openvino.convert_model(traced.program)
     converted.inputs[0].get_tensor().set_names({'images'})
     converted.outputs[0].get_tensor().set_names({'logits'})
-    with _replacing(output, ['.xml', '.bin']) as staged:
+    with _replacing(output, written_suffixes('openvino')) as staged:
         openvino.save_model(converted, staged.with_suffix('.xml'), compress_to_fp16=False)
 
 
@@ -505,7 +510,7 @@ def main(argv: Optional[Sequence[str]] = None):
                 report_errors(args.fmt, f'{args.fmt} float32', shapes, errors)  # exits: nothing is quantized
             quantize_and_check(args, model, written_to, calibration, steps)
     steps.close()
-    written = [args.output] + ([args.output.with_suffix('.bin')] if args.fmt == 'openvino' else [])
+    written = [args.output.with_suffix(suffix) for suffix in written_suffixes(args.fmt)]
     details = f', opset {args.opset}, {args.exporter} exporter' if args.fmt == 'onnx' else ''
     print(f'wrote {" and ".join(map(str, written))} ({args.model}, {args.fmt}{details}'
           f'{", INT8" if args.int8 else ""}, {"training" if args.training_form else "inference"} form)')
@@ -551,7 +556,7 @@ def quantize_and_check(args: argparse.Namespace, model: torch.nn.Module, fp32_pa
     reaches ``args.min_agreement``; exit with the figures otherwise, writing nothing."""
     steps.set_description(f'{args.fmt}: quantizing to INT8 ({int8.QUANTIZERS[args.fmt]})')
     suffix = FORMATS[args.fmt]
-    with _replacing(args.output, [suffix] + (['.bin'] if args.fmt == 'openvino' else [])) as staged:
+    with _replacing(args.output, written_suffixes(args.fmt)) as staged:
         int8.quantize(fp32_path, staged.with_suffix(suffix), calibration.calibration, args.fmt)
         steps.update()
         steps.set_description(f'{args.fmt}: checking INT8 against float32')

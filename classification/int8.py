@@ -58,7 +58,7 @@ class CalibrationData:
     labels_from: str  # where the labels came from, or why there are none
 
 
-def require(fmt: str = 'openvino'):
+def require(fmt: str):
     """Import what INT8 needs in ``fmt`` (OpenVINO: NNCF; ONNX: ONNX Runtime's quantizer; ExecuTorch: timmx,
     torchao), or raise MissingDependency naming what installs it."""
     for module in {'openvino': ('openvino', 'nncf'), 'onnx': ('onnx', 'onnxruntime.quantization'),
