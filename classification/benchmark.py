@@ -212,7 +212,7 @@ def runtime_models(models: Dict[str, torch.nn.Module], block: Block, batch_sizes
     """Per batch size, each model (in its inference form) exported by ``classification.export`` for that batch of
     images at its own resolution (static shapes, as a deployed model runs), quantized for an INT8 block, and loaded
     in the block's runtime; a model that fails to export, quantize or load is left out with a message. ``traces``
-    keeps the static programs, which every runtime converts, from one block to the next; the runtime's files in
+    keeps the static programs, which the runtimes of a graph form convert, from one block to the next; the runtime's files in
     ``folder``, from one precision's block to the next (INT8 quantizes float32's file). ExecuTorch's INT8 programs
     are quantized from the PyTorch model by timmx, which folds it itself: from ``training_forms``."""
     fmt = RUNTIMES[block.backend]
@@ -230,10 +230,11 @@ def runtime_models(models: Dict[str, torch.nn.Module], block: Block, batch_sizes
                     export.export_with_timmx(training_forms[name], name, int8_path, fmt, input_size, calibration,
                                              batch_size=batch_size)
                 else:
-                    if (name, batch_size) not in traces:
-                        traces[name, batch_size] = export.trace(model, input_size, fmt, batch_size=batch_size)
+                    trace_key = (name, batch_size, export.graph_form(fmt))
+                    if trace_key not in traces:
+                        traces[trace_key] = export.trace(model, input_size, fmt, batch_size=batch_size)
                     if not path.exists():
-                        export.export(model, path, fmt, input_size, traced=traces[name, batch_size])
+                        export.export(model, path, fmt, input_size, traced=traces[trace_key])
                     if block.precision == 'int8':
                         int8.quantize(path, int8_path, calibration, fmt, batch_size=batch_size)
                 runners[batch_size][name] = export.load_runtime(int8_path if block.precision == 'int8' else path,

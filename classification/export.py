@@ -16,7 +16,8 @@ The model (its inference form, ``timm.utils.reparameterize_model``, unless ``--t
   float16, which moves FAT-B0's logits by 8e-4); checked in OpenVINO's CPU plugin at float32 precision.
 * ``executorch``: one ``.pte`` program lowered to XNNPACK, ExecuTorch's CPU backend, for a batch of 1 to
   ``MAX_EXECUTORCH_BATCH`` and sizes up to ``MAX_EXECUTORCH_SIZE_FACTOR`` times the example's (ExecuTorch plans its
-  memory for the largest input); checked in ExecuTorch's runtime.
+  memory for the largest input); checked in ExecuTorch's runtime. Its program is traced apart, in the forms that
+  XNNPACK runs well (``graph_forms.recording_for_xnnpack``: FAT's 7x7 and 9x9 depthwise convolutions in bands).
 
 A model whose graph depends on the input size (the window partitions of some ablation models, LVT's overlapping
 windows) is exported for the example's size, with a dynamic batch, and the command says so.
@@ -58,7 +59,7 @@ import timm
 import torch
 from timm.utils import reparameterize_model
 
-from . import dependencies, int8
+from . import dependencies, graph_forms, int8
 from .checkpoint_io import CheckpointError, UnsafeCheckpointError, load_checkpoint_file, load_weights
 from .commands import program_name, progress
 from .registry import model_names
@@ -215,11 +216,23 @@ class Traced(NamedTuple):
     dynamic_size: bool  # the program takes any height and width (within its bounds), not only the example's
 
 
+def graph_form(fmt: str) -> str:
+    """Which graph ``trace`` records for ``fmt``: ExecuTorch's takes the forms of its XNNPACK delegate
+    (``graph_forms.recording_for_xnnpack``), every other format converts the same program."""
+    return 'xnnpack' if fmt == 'executorch' else 'portable'
+
+
 def trace(model: torch.nn.Module, img_size: int, fmt: str, batch_size: Optional[int] = None) -> Traced:
-    """``model`` as one ``torch.export`` program, which every format converts: dynamic batch, height and width
-    (bounded for ExecuTorch, which plans its memory for the largest input). A model whose graph depends on the
-    input size (a window partition fixed at trace time, say) keeps its batch dynamic and the example's size.
-    With ``batch_size``, the program takes that batch of ``img_size`` images only (the benchmark's static graphs)."""
+    """``model`` as one ``torch.export`` program, which every format of its ``graph_form`` converts: dynamic batch,
+    height and width (bounded for ExecuTorch, which plans its memory for the largest input). A model whose graph
+    depends on the input size (a window partition fixed at trace time, say) keeps its batch dynamic and the
+    example's size. With ``batch_size``, the program takes that batch of ``img_size`` images only (the benchmark's
+    static graphs)."""
+    with graph_forms.recording_for_xnnpack() if graph_form(fmt) == 'xnnpack' else contextlib.nullcontext():
+        return _trace(model, img_size, fmt, batch_size)
+
+
+def _trace(model: torch.nn.Module, img_size: int, fmt: str, batch_size: Optional[int]) -> Traced:
     if batch_size is not None:
         with torch.no_grad():
             return Traced(torch.export.export(model, (torch.randn(batch_size, 3, img_size, img_size),)), False)
@@ -268,11 +281,24 @@ def export_openvino(traced: Traced, output: Path):
         openvino.save_model(converted, staged.with_suffix('.xml'), compress_to_fp16=False)
 
 
-def export_executorch(traced: Traced, output: Path):
+def lower_to_xnnpack(traced: Traced):
+    """``traced`` lowered to ExecuTorch's XNNPACK delegate: its ``ExecutorchProgramManager``."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir.passes.constant_prop_pass import constant_prop_pass
 
-    lowered = to_edge_transform_and_lower(traced.program, partitioner=[XnnpackPartitioner()]).to_executorch()
+    # the weights that XNNPACK's forms compute from the parameters (a kernel's bands), as constants: its partitioner
+    # delegates only the convolutions of constant weights. Detached from the parameters' autograd graph, which the
+    # partitioner's copy of each partition could not copy.
+    program = constant_prop_pass(traced.program)
+    for name, constant in program.constants.items():
+        if isinstance(constant, torch.Tensor):
+            program.constants[name] = constant.detach()
+    return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+
+
+def export_executorch(traced: Traced, output: Path):
+    lowered = lower_to_xnnpack(traced)
     with _replacing(output, ['.pte']) as staged:
         staged.write_bytes(lowered.buffer)
 
@@ -294,8 +320,12 @@ def export_with_timmx(model: torch.nn.Module, name: str, output: Path, fmt: str,
             images = staged.with_name('calibration.pt')
             torch.save(calibration, images)
             options.update(mode='int8', calibration_data=images, batch_size=batch_size, verify=False)
-        timmx.export_model(fmt, name, checkpoint=weights, num_classes=model.num_classes,
-                           input_size=(3, img_size, img_size), output=staged, **options)
+        # INT8 for XNNPACK in XNNPACK's forms: PT2E's conversion folds the weights they compute into constants, as
+        # lower_to_xnnpack does for float32
+        in_xnnpack_forms = calibration is not None and graph_form(fmt) == 'xnnpack'
+        with graph_forms.recording_for_xnnpack() if in_xnnpack_forms else contextlib.nullcontext():
+            timmx.export_model(fmt, name, checkpoint=weights, num_classes=model.num_classes,
+                               input_size=(3, img_size, img_size), output=staged, **options)
 
 
 def check_size(img_size: int):

@@ -41,7 +41,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq, named_apply
 
 from .checkpoint_io import CheckpointError, check_state_dict_fits, load_weights, timm_overlay
-from .graph_forms import tracing_for_deployment
+from .graph_forms import depthwise_conv_in_bands, in_bands_for_xnnpack, tracing_for_deployment
 from .token_mixers import TOKEN_MIXERS
 
 __all__ = ['FAT', 'checkpoint_filter_fn']
@@ -49,8 +49,28 @@ __all__ = ['FAT', 'checkpoint_filter_fn']
 _logger = logging.getLogger(__name__)
 
 
-def _dwconv(dim: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(dim, dim, kernel_size, stride=stride, padding=kernel_size // 2, groups=dim)
+class DepthwiseConv(nn.Conv2d):
+    """A depthwise convolution of an odd square kernel, padded to keep the size at stride 1. In a graph recorded for
+    ExecuTorch's XNNPACK delegate, a stride-1 kernel of more taps than XNNPACK's depthwise kernels take (FAT's 7x7
+    and 9x9) runs in bands of its rows (``graph_forms.depthwise_conv_in_bands``), which XNNPACK runs 3-4x faster
+    than the grouped matrix product it makes of the whole kernel."""
+
+    def __init__(self, dim: int, kernel_size: int, stride: int = 1, **kwargs):
+        super().__init__(dim, dim, kernel_size, stride=stride, padding=kernel_size // 2, groups=dim, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convolve(x)
+
+    def convolve(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._conv_forward(x, self.weight, self.bias)
+        elif in_bands_for_xnnpack(self):
+            return depthwise_conv_in_bands(x, self.weight, self.bias)
+        return self._conv_forward(x, self.weight, self.bias)
+
+
+def _dwconv(dim: int, kernel_size: int, stride: int = 1) -> DepthwiseConv:
+    return DepthwiseConv(dim, kernel_size, stride=stride)
 
 
 class PointwiseConv(nn.Conv2d):
@@ -79,19 +99,16 @@ class PointwiseLinear(nn.Conv2d):
         return self._conv_forward(x, self.weight, self.bias)
 
 
-class ResidualDepthwiseConv(nn.Conv2d):
+class ResidualDepthwiseConv(DepthwiseConv):
     """``x + dwconv(x)``, a depthwise convolution with its residual. ``fuse()`` folds the identity into the
-    kernel's centre tap, giving a plain depthwise convolution."""
-
-    def __init__(self, dim: int, kernel_size: int):
-        super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+    kernel's centre tap, giving a plain ``DepthwiseConv``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self._conv_forward(x, self.weight, self.bias)
+        return x + self.convolve(x)
 
-    def fuse(self) -> nn.Conv2d:
-        fused = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, padding=self.padding,
-                          groups=self.groups, device=self.weight.device, dtype=self.weight.dtype)
+    def fuse(self) -> DepthwiseConv:
+        fused = DepthwiseConv(self.in_channels, self.kernel_size[0], device=self.weight.device,
+                              dtype=self.weight.dtype)
         centre = self.kernel_size[0] // 2
         with torch.no_grad():
             fused.weight.copy_(self.weight)

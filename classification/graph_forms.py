@@ -5,11 +5,24 @@ run fastest (``scaled_dot_product_attention``, overlap-add by strided additions)
 runtimes run well (attention as matrix products of 3-d tensors with a softmax over the last dimension, overlap-add by
 a transposed convolution). A graph recorded for deployment
 takes the second: one traced by ``torch.export`` (the exporter's ONNX, OpenVINO and ExecuTorch) or by
-``torch.jit.trace`` (the legacy TorchScript ONNX exporter).
+``torch.jit.trace`` (the legacy TorchScript ONNX exporter). One form is for ExecuTorch's XNNPACK delegate alone, where
+the exporter records its graph within ``recording_for_xnnpack()``: depthwise convolutions of more than
+``XNNPACK_DEPTHWISE_TAPS`` taps in bands of the kernel's rows (``depthwise_conv_in_bands``).
 """
-import torch
+import contextlib
+from typing import Iterator, Optional
 
-__all__ = ['batched_attention', 'tracing_for_deployment']
+import torch
+import torch.nn.functional as F
+
+__all__ = ['XNNPACK_DEPTHWISE_TAPS', 'batched_attention', 'depthwise_conv_in_bands', 'in_bands_for_xnnpack',
+           'recording_for_xnnpack', 'tracing_for_deployment']
+
+# The most taps (kernel height x width) of XNNPACK's depthwise kernels: it runs a depthwise convolution with more as
+# a grouped matrix product, one group a channel (FAT-B0's 7x7 over 160 channels at 14x14: 0.83 ms, against 0.19 ms
+# as three bands of 3, 3 and 1 rows; docs/benchmarks.md).
+XNNPACK_DEPTHWISE_TAPS = 25
+_recording_for_xnnpack = False
 
 
 def tracing_for_deployment() -> bool:
@@ -19,6 +32,44 @@ def tracing_for_deployment() -> bool:
         return False
     else:
         return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
+@contextlib.contextmanager
+def recording_for_xnnpack() -> Iterator[None]:
+    """Within it, a graph recorded for deployment is for ExecuTorch's XNNPACK delegate and takes its forms; its
+    program must then fold the constants that those forms compute from the weights (ExecuTorch's
+    ``constant_prop_pass``) before XNNPACK's partitioner sees it, which delegates only convolutions of constant
+    weights."""
+    global _recording_for_xnnpack
+    recording, _recording_for_xnnpack = _recording_for_xnnpack, True
+    try:
+        yield
+    finally:
+        _recording_for_xnnpack = recording
+
+
+def in_bands_for_xnnpack(conv: torch.nn.Conv2d) -> bool:
+    """Whether the depthwise convolution ``conv``, called now, is being recorded into a graph for ExecuTorch's
+    XNNPACK delegate with more taps than its depthwise kernels take, at stride 1: ``depthwise_conv_in_bands``."""
+    return (_recording_for_xnnpack and conv.stride == (1, 1)
+            and conv.kernel_size[0] * conv.kernel_size[1] > XNNPACK_DEPTHWISE_TAPS and tracing_for_deployment())
+
+
+def depthwise_conv_in_bands(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                            max_taps: int = XNNPACK_DEPTHWISE_TAPS) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=k // 2, groups=channels)``, the stride-1 depthwise convolution of an odd
+    square kernel, as the sum of the convolutions of bands of the kernel's rows, each of at most ``max_taps`` taps (a
+    7x7 kernel in bands of 3, 3 and 1 rows, a 9x9 one in four of 2 rows and one of 1): each band at the whole kernel's
+    padding, its output rows shifted by the band's first row. Equal to the convolution up to float rounding."""
+    kernel_size = weight.shape[-1]
+    padding, rows = kernel_size // 2, max(1, max_taps // kernel_size)
+    height = x.shape[-2]
+    out = None
+    for top in range(0, kernel_size, rows):
+        term = F.conv2d(x, weight[:, :, top:top + rows], bias if out is None else None, padding=padding,
+                        groups=x.shape[1])[:, :, top:top + height]
+        out = term if out is None else out + term
+    return out
 
 
 def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -143,6 +143,37 @@ def test_exported_graphs_take_the_runtime_friendly_attention_and_overlap_add():
         assert present in kinds and absent not in kinds
 
 
+@pytest.mark.parametrize('kernel_size', [3, 5, 7, 9, 11])
+def test_depthwise_conv_in_bands_equals_the_convolution(kernel_size):
+    """XNNPACK's form of a depthwise convolution (``graph_forms.depthwise_conv_in_bands``), on a map whose height and
+    width differ and are below the kernel's, with and without bias, in float64."""
+    x = torch.randn(2, 6, 5, 12, dtype=torch.float64)
+    weight, bias = torch.randn(6, 1, kernel_size, kernel_size, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    for b in (bias, None):
+        expected = F.conv2d(x, weight, b, padding=kernel_size // 2, groups=6)
+        torch.testing.assert_close(graph_forms.depthwise_conv_in_bands(x, weight, b), expected, rtol=1e-12,
+                                   atol=1e-12)
+
+
+def test_executorch_graph_takes_large_depthwise_kernels_in_bands():
+    """The graph that the exporter records for ExecuTorch convolves FAT's 7x7 and 9x9 depthwise kernels in bands of at
+    most 25 taps, each a slice of the kernel (folded into a constant before lowering); the graph for ONNX Runtime and
+    OpenVINO, which run whole kernels faster, keeps them whole."""
+    model = reparameterize_model(timm.create_model('fat_b0', **SHALLOW_MODELS['fat_b0']).eval())
+
+    def depthwise_taps(fmt: str) -> list:
+        graph = export.trace(model, 64, fmt, batch_size=1).program.graph
+        convolutions = [node for node in graph.nodes if node.target == torch.ops.aten.conv2d.default]
+        return sorted({node.args[1].meta['val'].shape[2:].numel() for node in convolutions
+                       if len(node.args) > 6 and node.args[6] > 1})
+
+    whole = depthwise_taps('onnx')
+    assert {49, 81} <= set(whole)
+    in_bands = depthwise_taps('executorch')
+    assert max(in_bands) <= graph_forms.XNNPACK_DEPTHWISE_TAPS and {21, 18} <= set(in_bands)
+    assert not graph_forms._recording_for_xnnpack
+
+
 # The shallow models (conftest.SHALLOW_MODELS) in every format; ExecuTorch's lowering, the slowest step (this
 # FAT-B0's bounded dynamic program: 93 s on one core), runs for FAT-B0 here; the other two lower, static, in
 # tests/test_timmx.py.
@@ -169,11 +200,21 @@ def traced_models():
 
 @pytest.mark.slow
 @pytest.mark.parametrize('name, fmt', EXPORTS)
-def test_export_runs_in_its_runtime_like_pytorch(name, fmt, traced_models, tmp_path):
+def test_export_runs_in_its_runtime_like_pytorch(name, fmt, traced_models, tmp_path, monkeypatch):
     skip_without_runtime(fmt)
     model, traced = traced_models(name, fmt)
     output = tmp_path / f'{name}{export.FORMATS[fmt]}'
+    lowered, lower_to_xnnpack = [], export.lower_to_xnnpack
+
+    def lower_and_keep(traced):
+        lowered.append(lower_to_xnnpack(traced))
+        return lowered[-1]
+    monkeypatch.setattr(export, 'lower_to_xnnpack', lower_and_keep)
     dynamic_size = export.export(model, output, fmt, img_size=64, traced=traced)
+    if fmt == 'executorch':  # every convolution in XNNPACK: none left to ExecuTorch's portable kernels
+        graph = lowered[0].exported_program().graph
+        assert not [node for node in graph.nodes if 'convolution' in str(node.target)]
+        assert any('executorch_call_delegate' in str(node.target) for node in graph.nodes)
     assert dynamic_size == (name != 'lvt_cls')
     expected_files = {output.name} | ({output.with_suffix('.bin').name} if fmt == 'openvino' else set())
     assert {path.name for path in tmp_path.iterdir()} == expected_files  # no temporary left, ONNX weights inside
@@ -450,8 +491,9 @@ def test_benchmark_times_each_runtime_in_its_own_block(tmp_path, capsys, monkeyp
 @pytest.mark.slow
 def test_benchmark_int8_blocks_of_onnxruntime_and_executorch(tmp_path, capsys, monkeypatch):
     """ONNX Runtime's INT8 block runs the float32 files quantized (its fused integer operations), ExecuTorch's the
-    programs that timmx quantized from the training form, at each batch size. One of timm's test models: the blocks
-    are under test (tests/test_int8.py quantizes FAT-B0 in each runtime)."""
+    programs that timmx quantized from the training form, at each batch size. One of timm's test models, the quickest
+    of them to quantize and lower (test_resnet: 12 s a program here, test_efficientnet 19 s): the blocks are under
+    test (tests/test_int8.py quantizes FAT-B0 in each runtime)."""
     for fmt in ('onnx', 'executorch'):
         skip_without_runtime(fmt)
     pytest.importorskip('onnxruntime.quantization')
@@ -472,20 +514,20 @@ def test_benchmark_int8_blocks_of_onnxruntime_and_executorch(tmp_path, capsys, m
         lowered.append((name, path.name, img_size, tuple(calibration.shape), batch_size))
         return timmx_export(model, name, path, fmt, img_size, calibration, batch_size=batch_size)
     monkeypatch.setattr(export, 'export_with_timmx', export_with_timmx)
-    benchmark.main(['--models', 'test_efficientnet', '--backend', 'onnxruntime', 'executorch', '--precision', 'int8',
+    benchmark.main(['--models', 'test_resnet', '--backend', 'onnxruntime', 'executorch', '--precision', 'int8',
                     '--warmup', '1', '--latency-rounds', '2', '--throughput-batch-sizes', '2', '--throughput-warmup',
                     '0', '--throughput-rounds', '1', '--no-flops', '--output-dir', str(tmp_path)])
     printed = capsys.readouterr().out
     result = json.loads((tmp_path / 'benchmark.json').read_text())
     assert result['settings']['blocks'] == ['onnxruntime-int8', 'executorch-int8']
     assert [(row['backend'], row['precision'], row['model']) for row in result['rows']] == [
-        ('onnxruntime-int8', 'int8', 'test_efficientnet'), ('executorch-int8', 'int8', 'test_efficientnet')]
+        ('onnxruntime-int8', 'int8', 'test_resnet'), ('executorch-int8', 'int8', 'test_resnet')]
     assert all(row['latency_ms'] > 0 and row['throughput_b2'] > 0 for row in result['rows'])
     assert 'left out' not in printed
     # quantize-dequantize pairs around the float32 file's operations, at each batch size
-    assert quantized == [('onnx', f'test_efficientnet_b{batch}.onnx', batch, True, True) for batch in (1, 2)]
+    assert quantized == [('onnx', f'test_resnet_b{batch}.onnx', batch, True, True) for batch in (1, 2)]
     # timmx built the model by name from the training form's weights and quantized it on 32 random images
-    assert lowered == [('test_efficientnet', f'test_efficientnet_b{batch}_int8.pte', 160, (32, 3, 160, 160), batch)
+    assert lowered == [('test_resnet', f'test_resnet_b{batch}_int8.pte', 160, (32, 3, 160, 160), batch)
                        for batch in (1, 2)]
 
 

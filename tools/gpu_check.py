@@ -51,7 +51,7 @@ DEFAULT_WORK = REPO / 'build' / 'gpu-check'
 DEFAULT_WHEELS = REPO / 'gpu-wheels'
 GPU_BUDGET_SECONDS = 390
 SMOKE_BUDGET_SECONDS = 240
-SMOKE_SHAPES_PER_CLASS = (20, 5)  # training and validation images a class of the rehearsal's generated dataset
+SMOKE_SHAPES_PER_CLASS = (10, 5)  # training and validation images a class of the rehearsal's generated dataset
 # The rehearsal's budget and step limits were sized on a machine where probe_seconds() measured this, idle (a 2-core
 # AMD EPYC with AVX2 only, 2 threads: its steps took 175-185 s, the fp16 one 67-78 s, fp16 autocast being emulated
 # there as bf16 is, on the full generated dataset); on a slower or busier CPU they stretch by what the probe measures
@@ -307,8 +307,8 @@ class Check:
 
 
 def probe_seconds() -> float:
-    """Seconds of two float32 training steps of FAT-B0 at the rehearsal trainer's size (batch 100 at 32 px), after a
-    warm-up one, with the threads that the steps' processes get (OMP_NUM_THREADS, else every core)."""
+    """Seconds of two float32 training steps of FAT-B0 at batch 100 of 32-pixel images (the size on which the
+    rehearsal was sized), after a warm-up one, with the threads that the steps' processes get (OMP_NUM_THREADS, else every core)."""
     import timm
     import torch
 
@@ -633,7 +633,7 @@ def trainer_processes(check: Check) -> int:
 
 def training_data(check: Check) -> Tuple[Path, int]:
     """The generated shapes dataset that the trainer steps share, written here, and its number of training images:
-    the full one on a GPU; in the rehearsal a smaller one (SMOKE_SHAPES_PER_CLASS: 2 batches of 100 an epoch, 50
+    the full one on a GPU; in the rehearsal a smaller one (SMOKE_SHAPES_PER_CLASS: 2 batches of 50 an epoch, 50
     images to validate on), on which its fp16 step, emulated on most CPUs, takes a fraction of the full one's time."""
     from classification.synthetic_shapes import CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, ensure_synthetic_shapes
 
@@ -646,10 +646,10 @@ def training_data(check: Check) -> Tuple[Path, int]:
 def trainer_command(check: Check, model: str, output: Path, epochs: int, amp: str) -> List:
     """``torchrun -m classification.train`` on the generated shapes dataset, the recipe of
     ``configs/classification/<model>.yaml`` (RandAugment, Mixup / CutMix, random erasing, AdamW) with channels-last
-    and EMA, on 224-pixel crops at batch 128 per GPU (32 pixels, batch 100 in the rehearsal), one log line per
+    and EMA, on 224-pixel crops at batch 128 per GPU (32 pixels, batch 50 in the rehearsal), one log line per
     epoch."""
     data, images = training_data(check)
-    image_size, batch = (32, 100) if check.smoke else (224, 128)
+    image_size, batch = (32, 50) if check.smoke else (224, 128)
     processes = trainer_processes(check)
     steps_per_epoch = math.ceil(images / processes) // batch
     workers = 1 if check.smoke else max(2, (os.cpu_count() or 4) // processes - 2)
