@@ -212,9 +212,10 @@ def runtime_models(models: Dict[str, torch.nn.Module], block: Block, batch_sizes
     """Per batch size, each model (in its inference form) exported by ``classification.export`` for that batch of
     images at its own resolution (static shapes, as a deployed model runs), quantized for an INT8 block, and loaded
     in the block's runtime; a model that fails to export, quantize or load is left out with a message. ``traces``
-    keeps the static programs, which the runtimes of a graph form convert, from one block to the next; the runtime's files in
-    ``folder``, from one precision's block to the next (INT8 quantizes float32's file). ExecuTorch's INT8 programs
-    are quantized from the PyTorch model by timmx, which folds it itself: from ``training_forms``."""
+    keeps the static programs, which the runtimes of one graph form convert, from one block to the next; the
+    runtime's files in ``folder``, from one precision's block to the next (INT8 quantizes float32's file).
+    ExecuTorch's INT8 programs are quantized from the PyTorch model by timmx, which folds it itself: from
+    ``training_forms``."""
     fmt = RUNTIMES[block.backend]
     runners: Dict[int, Dict[str, Callable]] = {batch_size: {} for batch_size in batch_sizes}
     for name, model in models.items():

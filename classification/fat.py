@@ -62,7 +62,7 @@ class DepthwiseConv(nn.Conv2d):
         return self.convolve(x)
 
     def convolve(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
+        if torch.jit.is_scripting():  # TorchScript compiles only this branch (the other reads a module's global)
             return self._conv_forward(x, self.weight, self.bias)
         elif in_bands_for_xnnpack(self):
             return depthwise_conv_in_bands(x, self.weight, self.bias)

@@ -308,7 +308,8 @@ class Check:
 
 def probe_seconds() -> float:
     """Seconds of two float32 training steps of FAT-B0 at batch 100 of 32-pixel images (the size on which the
-    rehearsal was sized), after a warm-up one, with the threads that the steps' processes get (OMP_NUM_THREADS, else every core)."""
+    rehearsal was sized), after a warm-up one, with the threads that the steps' processes get (OMP_NUM_THREADS, else
+    every core)."""
     import timm
     import torch
 
