@@ -288,8 +288,9 @@ def lower_to_xnnpack(traced: Traced):
     from executorch.exir.passes.constant_prop_pass import constant_prop_pass
 
     # the weights that XNNPACK's forms compute from the parameters (a kernel's bands), as constants: its partitioner
-    # delegates only the convolutions of constant weights. Detached from the parameters' autograd graph, which the
-    # partitioner's copy of each partition could not copy.
+    # delegates only the convolutions of constant weights. The pass leaves them requiring gradients, as the
+    # parameters do; detached, since what autograd then computes from them during lowering is a tensor that the
+    # partitioner's copy of each partition cannot copy.
     program = constant_prop_pass(traced.program)
     for name, constant in program.constants.items():
         if isinstance(constant, torch.Tensor):
