@@ -36,12 +36,14 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, GroupNorm1, trunc_normal_
+from timm.layers.fast_norm import fast_group_norm
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq, named_apply
 
 from .checkpoint_io import CheckpointError, check_state_dict_fits, load_weights, timm_overlay
-from .graph_forms import depthwise_conv_in_bands, in_bands_for_xnnpack, tracing_for_deployment
+from .graph_forms import (depthwise_conv_in_bands, group_norm1_in_xnnpack_ops, in_bands_for_xnnpack,
+                          recording_now_for_xnnpack, tracing_for_deployment)
 from .token_mixers import TOKEN_MIXERS
 
 __all__ = ['FAT', 'checkpoint_filter_fn']
@@ -71,6 +73,26 @@ class DepthwiseConv(nn.Conv2d):
 
 def _dwconv(dim: int, kernel_size: int, stride: int = 1) -> DepthwiseConv:
     return DepthwiseConv(dim, kernel_size, stride=stride)
+
+
+class OneGroupNorm(GroupNorm1):
+    """timm's ``GroupNorm1``: normalised over channels, height and width. In a graph recorded for ExecuTorch's XNNPACK
+    delegate, which has no group norm, it takes operations that the delegate does
+    (``graph_forms.group_norm1_in_xnnpack_ops``): the norms no longer split the program between portable kernels
+    (FAT-B0's static program is one delegate, not 27)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles only this branch (the other reads a module's global)
+            return self.group_norm(x)
+        elif recording_now_for_xnnpack():
+            return group_norm1_in_xnnpack_ops(x, self.weight, self.bias, self.eps)
+        return self.group_norm(x)
+
+    def group_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """``GroupNorm1.forward``, which TorchScript cannot call as ``super().forward``."""
+        if self._fast_norm:
+            return fast_group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
 class PointwiseConv(nn.Conv2d):
@@ -160,7 +182,7 @@ class Stem(nn.Sequential):
             conv3=_conv_bn_relu(dim, dim, stride=1),
             conv4=_conv_bn_relu(dim, dim, stride=1),
             proj=PointwiseConv(dim, dim),
-            norm=GroupNorm1(dim),
+            norm=OneGroupNorm(dim),
         ))
 
 
@@ -320,7 +342,7 @@ class FATBlock(nn.Module):
         if stride == 1 and out_dim != dim:
             raise ValueError('a block that changes width must downsample (stride=2)')
         self.cpe = ResidualDepthwiseConv(dim, kernel_size) if cpe else nn.Identity()
-        self.norm1 = GroupNorm1(dim)
+        self.norm1 = OneGroupNorm(dim)
         if token_mixer == 'fasa':
             self.attn = FASA(dim, num_heads, kernel_size, window_size, interaction, kv_downsample)
         elif token_mixer in TOKEN_MIXERS:
@@ -328,7 +350,7 @@ class FATBlock(nn.Module):
         else:
             raise ValueError(f"token_mixer must be 'fasa' or one of {', '.join(TOKEN_MIXERS)}, got {token_mixer!r}")
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = GroupNorm1(dim)
+        self.norm2 = OneGroupNorm(dim)
         self.ffn = ConvFFN(dim, out_dim, int(dim * mlp_ratio), ffn_kernel_size, stride=stride)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         if stride == 1:
@@ -478,7 +500,7 @@ class FAT(nn.Module):
         self.stages = nn.Sequential(*stages)
 
         self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.norm_pre = GroupNorm1(self.num_features)
+        self.norm_pre = OneGroupNorm(self.num_features)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
 
         named_apply(_init_weights, self)

@@ -5,9 +5,10 @@ run fastest (``scaled_dot_product_attention``, overlap-add by strided additions)
 runtimes run well (attention as matrix products of 3-d tensors with a softmax over the last dimension, overlap-add by
 a transposed convolution). A graph recorded for deployment
 takes the second: one traced by ``torch.export`` (the exporter's ONNX, OpenVINO and ExecuTorch) or by
-``torch.jit.trace`` (the legacy TorchScript ONNX exporter). One form is for ExecuTorch's XNNPACK delegate alone, where
+``torch.jit.trace`` (the legacy TorchScript ONNX exporter). Two forms are for ExecuTorch's XNNPACK delegate alone, where
 the exporter records its graph within ``recording_for_xnnpack()``: depthwise convolutions of more than
-``XNNPACK_DEPTHWISE_TAPS`` taps in bands of the kernel's rows (``depthwise_conv_in_bands``).
+``XNNPACK_DEPTHWISE_TAPS`` taps in bands of the kernel's rows (``depthwise_conv_in_bands``), and the one-group
+GroupNorm in operations that the delegate takes (``group_norm1_in_xnnpack_ops``).
 """
 import contextlib
 from typing import Iterator, Optional
@@ -15,8 +16,8 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ['XNNPACK_DEPTHWISE_TAPS', 'batched_attention', 'depthwise_conv_in_bands', 'in_bands_for_xnnpack',
-           'recording_for_xnnpack', 'tracing_for_deployment']
+__all__ = ['XNNPACK_DEPTHWISE_TAPS', 'batched_attention', 'depthwise_conv_in_bands', 'group_norm1_in_xnnpack_ops',
+           'in_bands_for_xnnpack', 'recording_for_xnnpack', 'recording_now_for_xnnpack', 'tracing_for_deployment']
 
 # The most taps (kernel height x width) of XNNPACK's depthwise kernels: it runs a depthwise convolution with more as
 # a grouped matrix product, one group a channel (FAT-B0's 7x7 over 160 channels at 14x14: 0.83 ms, against 0.19 ms
@@ -48,11 +49,17 @@ def recording_for_xnnpack() -> Iterator[None]:
         _recording_for_xnnpack = recording
 
 
+def recording_now_for_xnnpack() -> bool:
+    """Whether the calling forward is being recorded into a graph for ExecuTorch's XNNPACK delegate (a graph recorded
+    for deployment within ``recording_for_xnnpack()``)."""
+    return _recording_for_xnnpack and tracing_for_deployment()
+
+
 def in_bands_for_xnnpack(conv: torch.nn.Conv2d) -> bool:
     """Whether the depthwise convolution ``conv``, called now, is being recorded into a graph for ExecuTorch's
     XNNPACK delegate with more taps than its depthwise kernels take, at stride 1: ``depthwise_conv_in_bands``."""
-    return (_recording_for_xnnpack and conv.stride == (1, 1)
-            and conv.kernel_size[0] * conv.kernel_size[1] > XNNPACK_DEPTHWISE_TAPS and tracing_for_deployment())
+    return (conv.stride == (1, 1) and conv.kernel_size[0] * conv.kernel_size[1] > XNNPACK_DEPTHWISE_TAPS
+            and recording_now_for_xnnpack())
 
 
 def depthwise_conv_in_bands(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -70,6 +77,21 @@ def depthwise_conv_in_bands(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
                         groups=x.shape[1])[:, :, top:top + height]
         out = term if out is None else out + term
     return out
+
+
+def group_norm1_in_xnnpack_ops(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """``F.group_norm(x, 1, weight, bias, eps)`` of a (batch, channels, height, width) tensor in operations that
+    ExecuTorch's XNNPACK delegate takes. It has no group norm: ExecuTorch runs one on a portable kernel between two
+    delegated parts (FAT-B0 at 224 pixels, batch 1: 23.3 ms in 27 parts, 16.5 ms as one; docs/benchmarks.md). The
+    mean over channels, height and width is the mean of the channels' means, each a mean over the last two dimensions
+    (the only mean XNNPACK takes), the channels brought there by a permutation: a reshape of dynamic height and width
+    would not be delegated. Equal to the group norm up to float rounding."""
+    def mean_over_channels_and_space(t: torch.Tensor) -> torch.Tensor:
+        return t.mean((2, 3), keepdim=True).permute(0, 2, 1, 3).mean((2, 3), keepdim=True)
+
+    centred = x - mean_over_channels_and_space(x)
+    variance = mean_over_channels_and_space(centred * centred)
+    return centred * torch.rsqrt(variance + eps) * weight[:, None, None] + bias[:, None, None]
 
 
 def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -155,22 +155,35 @@ def test_depthwise_conv_in_bands_equals_the_convolution(kernel_size):
                                    atol=1e-12)
 
 
-def test_executorch_graph_takes_large_depthwise_kernels_in_bands():
+def test_group_norm_in_xnnpack_ops_equals_the_group_norm():
+    """XNNPACK's form of the one-group GroupNorm (``graph_forms.group_norm1_in_xnnpack_ops``), on a map of mean and
+    scale far from 0 and 1 whose height and width differ, in float64; and the module's eager forward is timm's."""
+    x = 3 + 5 * torch.randn(2, 6, 5, 12, dtype=torch.float64)
+    weight, bias = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    torch.testing.assert_close(graph_forms.group_norm1_in_xnnpack_ops(x, weight, bias, 1e-5),
+                               F.group_norm(x, 1, weight, bias, 1e-5), rtol=1e-12, atol=1e-12)
+    norm = randomize_norms(fat.OneGroupNorm(6).double())
+    torch.testing.assert_close(norm(x), F.group_norm(x, 1, norm.weight, norm.bias, norm.eps), rtol=0, atol=0)
+
+
+def test_executorch_graph_takes_xnnpacks_forms_of_large_depthwise_kernels_and_group_norms():
     """The graph that the exporter records for ExecuTorch convolves FAT's 7x7 and 9x9 depthwise kernels in bands of at
-    most 25 taps, each a slice of the kernel (folded into a constant before lowering); the graph for ONNX Runtime and
-    OpenVINO, which run whole kernels faster, keeps them whole."""
+    most 25 taps, each a slice of the kernel (folded into a constant before lowering), and normalises without a group
+    norm, which XNNPACK lacks; the graph for ONNX Runtime and OpenVINO, which run whole kernels faster and have a group
+    norm, keeps both."""
     model = reparameterize_model(timm.create_model('fat_b0', **SHALLOW_MODELS['fat_b0']).eval())
 
-    def depthwise_taps(fmt: str) -> list:
+    def depthwise_taps_and_group_norms(fmt: str) -> tuple:
         graph = export.trace(model, 64, fmt, batch_size=1).program.graph
         convolutions = [node for node in graph.nodes if node.target == torch.ops.aten.conv2d.default]
-        return sorted({node.args[1].meta['val'].shape[2:].numel() for node in convolutions
+        taps = sorted({node.args[1].meta['val'].shape[2:].numel() for node in convolutions
                        if len(node.args) > 6 and node.args[6] > 1})
+        return taps, sum(node.target == torch.ops.aten.group_norm.default for node in graph.nodes)
 
-    whole = depthwise_taps('onnx')
-    assert {49, 81} <= set(whole)
-    in_bands = depthwise_taps('executorch')
-    assert max(in_bands) <= graph_forms.XNNPACK_DEPTHWISE_TAPS and {21, 18} <= set(in_bands)
+    whole, group_norms = depthwise_taps_and_group_norms('onnx')
+    assert {49, 81} <= set(whole) and group_norms == 1 + 2 * sum(SHALLOW_FAT_B0_DEPTHS) + 1  # stem, blocks, head
+    in_bands, group_norms = depthwise_taps_and_group_norms('executorch')
+    assert max(in_bands) <= graph_forms.XNNPACK_DEPTHWISE_TAPS and {21, 18} <= set(in_bands) and group_norms == 0
     assert not graph_forms._recording_for_xnnpack
 
 
@@ -211,9 +224,9 @@ def test_export_runs_in_its_runtime_like_pytorch(name, fmt, traced_models, tmp_p
         return lowered[-1]
     monkeypatch.setattr(export, 'lower_to_xnnpack', lower_and_keep)
     dynamic_size = export.export(model, output, fmt, img_size=64, traced=traced)
-    if fmt == 'executorch':  # every convolution in XNNPACK: none left to ExecuTorch's portable kernels
+    if fmt == 'executorch':  # every convolution and norm in XNNPACK: none left to ExecuTorch's portable kernels
         graph = lowered[0].exported_program().graph
-        assert not [node for node in graph.nodes if 'convolution' in str(node.target)]
+        assert not [node for node in graph.nodes if re.search('convolution|group_norm', str(node.target))]
         assert any('executorch_call_delegate' in str(node.target) for node in graph.nodes)
     assert dynamic_size == (name != 'lvt_cls')
     expected_files = {output.name} | ({output.with_suffix('.bin').name} if fmt == 'openvino' else set())
@@ -325,7 +338,8 @@ def test_export_rejects_bad_arguments(argv, message, capsys):
 # alternate signal stack installed, as pytest runs. With argv[2] 'strict', through a stand-in for OpenVINO's CPU
 # plugin that gives each compiled model a signal stack of its own and, when the model is freed, reinstalls the stack
 # it found whatever is installed then, and unmaps its own. (OpenVINO 2026.4 reinstalls it only while its own is
-# installed, measured.)
+# installed, measured.) The models are one of timm's test models: OpenVINO's models are under test, which converts it
+# in a fraction of FAT's time.
 OPENVINO_FAILURE_PATHS = """
 import ctypes, os, signal, sys, threading, types
 from pathlib import Path
@@ -367,9 +381,8 @@ if plugin == 'strict':
 handled = []
 signal.signal(signal.SIGUSR1, lambda *_: handled.append(True))
 stack = export.signal_stack()
-models = {name: export.reparameterize_model(timm.create_model('fat_b0', depths=(2, 2, 2, 1), num_classes=classes,
-                                                              pretrained_cfg_overlay=dict(input_size=(3, 64, 64)))
-                                            .eval())
+models = {name: timm.create_model('test_resnet', num_classes=classes,
+                                  pretrained_cfg_overlay=dict(input_size=(3, 64, 64))).eval()
           for name, classes in (('first', 1000), ('second', 7))}
 failures = []
 

@@ -35,9 +35,10 @@ def test_timmx_exports_the_model_by_name_and_its_runtime_agrees_with_pytorch(nam
     assert max(errors) <= 1e-4, errors
 
 
-def test_export_command_through_timmx_with_the_projects_loader(tmp_path, capsys):
+def test_export_command_through_timmx_with_the_projects_loader(tmp_path, capsys, shallow_fat_b0):
     """torch.export (any batch, checked here within 1e-4) from a checkpoint of another classifier, written twice
-    to one path, and Core ML (converted; its runtime needs macOS), each leaving only its output."""
+    to one path, and Core ML (converted; its runtime needs macOS), each leaving only its output. The command is under
+    test: FAT-B0 at conftest.SHALLOW_FAT_B0_DEPTHS (the full models are exported above)."""
     torch.manual_seed(0)
     checkpoint = tmp_path / 'fat_b0_3_classes.pth'  # the trainer's layout, which timm's own loader would not map
     torch.save(dict(model=randomize_norms(timm.create_model('fat_b0', num_classes=3)).state_dict(),
