@@ -1,7 +1,7 @@
 """Export a classifier of this repository for a deployment runtime, and check it against PyTorch.
 
     python -m classification.export --model fat_b0 [--checkpoint PATH] --format onnx|openvino|executorch
-        --output PATH [--img-size N] [--training-form] [--no-verify]
+        --output PATH [--img-size N] [--batch-size N] [--training-form] [--no-verify]
         [--opset 18] [--exporter dynamo|torchscript]        (ONNX only)
         [--int8 --calibration-data DIR [--calibration-samples 300] [--min-agreement 0.9]]    (all three)
     python -m classification.export --model fat_b0 [--checkpoint PATH] --format torch-export|coreml|litert|tensorrt
@@ -20,7 +20,10 @@ The model (its inference form, ``timm.utils.reparameterize_model``, unless ``--t
   XNNPACK runs well (``graph_forms.recording_for_xnnpack``: FAT's 7x7 and 9x9 depthwise convolutions in bands).
 
 A model whose graph depends on the input size (the window partitions of some ablation models, LVT's overlapping
-windows) is exported for the example's size, with a dynamic batch, and the command says so.
+windows) is exported for the example's size, with a dynamic batch, and the command says so. ``--batch-size N``
+traces a static program instead, for batches of N images of the example's size, which a runtime may plan and run
+faster (FAT-B0's ExecuTorch program at 224 pixels: 17.5 ms static, 24.6 ms dynamic, where XNNPACK leaves the bands'
+slices out; docs/benchmarks.md); the check then runs that shape.
 
 Without ``--checkpoint`` the weights are freshly initialised; with one (any format the project reads, loaded by
 ``checkpoint_io.load_weights``), the model takes its classifier's number of classes, and a checkpoint of another
@@ -227,7 +230,7 @@ def trace(model: torch.nn.Module, img_size: int, fmt: str, batch_size: Optional[
     height and width (bounded for ExecuTorch, which plans its memory for the largest input). A model whose graph
     depends on the input size (a window partition fixed at trace time, say) keeps its batch dynamic and the
     example's size. With ``batch_size``, the program takes that batch of ``img_size`` images only (the benchmark's
-    static graphs)."""
+    static graphs, ``--batch-size``)."""
     with graph_forms.recording_for_xnnpack() if graph_form(fmt) == 'xnnpack' else contextlib.nullcontext():
         return _trace(model, img_size, fmt, batch_size)
 
@@ -271,10 +274,19 @@ def export_onnx(model: torch.nn.Module, traced: Traced, output: Path, img_size: 
                     output_names=['logits'])
 
 
+def static_input_shape(traced: Traced) -> Optional[Tuple[int, ...]]:
+    """The shape of the program's input where every dimension is fixed (a trace with ``batch_size``), else None."""
+    name = traced.program.graph_signature.user_inputs[0]
+    shape = next(node for node in traced.program.graph.nodes if node.name == name).meta['val'].shape
+    return tuple(shape) if all(isinstance(size, int) for size in shape) else None
+
+
 def export_openvino(traced: Traced, output: Path):
     import openvino
 
-    converted = openvino.convert_model(traced.program)
+    # OpenVINO converts a program of static shapes into a model of dynamic ones ([?,3,?,?]) unless given the shape
+    shape = static_input_shape(traced)
+    converted = openvino.convert_model(traced.program, **(dict(input=[shape]) if shape else {}))
     converted.inputs[0].get_tensor().set_names({'images'})
     converted.outputs[0].get_tensor().set_names({'logits'})
     with _replacing(output, written_suffixes('openvino')) as staged:
@@ -433,6 +445,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              + '; OpenVINO\'s .bin beside its .xml')
     parser.add_argument('--img-size', type=int,
                         help='size of the example input (default: the model\'s, pretrained_cfg input_size)')
+    parser.add_argument('--batch-size', type=int, metavar='N',
+                        help='a static program: batches of N images of --img-size only, which a runtime may plan and '
+                             'run faster (default: any batch, height and width; --format onnx, openvino, executorch)')
     parser.add_argument('--training-form', action='store_true',
                         help='export the model as built, without folding it into its inference form')
     parser.add_argument('--no-verify', action='store_true', help='skip running the export in its runtime')
@@ -450,6 +465,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='the least top-1 agreement of INT8 with float32 on the held-out images for the INT8 '
                              f'model to be written (default: {int8.MIN_AGREEMENT})')
     args = parser.parse_args(argv)
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            parser.error('--batch-size must be at least 1')
+        if args.fmt not in FORMATS or args.exporter == 'torchscript':
+            parser.error(f'--batch-size applies to --format {", ".join(FORMATS)} (ONNX: the dynamo exporter)')
+        if args.int8:
+            parser.error('--batch-size applies to float32 exports: --int8 keeps the float32 export\'s shapes '
+                         '(ExecuTorch\'s INT8 program takes one image)')
     if args.int8:
         if args.fmt not in INT8_FORMATS:
             parser.error(f'--int8 is implemented for --format {", ".join(INT8_FORMATS)}')
@@ -519,7 +542,7 @@ def main(argv: Optional[Sequence[str]] = None):
         main_through_timmx(args, model, calibration)
         return
     steps = progress(total=(2 if args.no_verify else 3) + 2 * args.int8, desc=f'{args.fmt}: tracing')
-    traced = trace(model, args.img_size, args.fmt)
+    traced = trace(model, args.img_size, args.fmt, batch_size=args.batch_size)
     steps.update()
     steps.set_description(f'{args.fmt}: ' + ('lowering to XNNPACK' if args.fmt == 'executorch' else 'converting'))
     with contextlib.ExitStack() as stack:
@@ -532,7 +555,8 @@ def main(argv: Optional[Sequence[str]] = None):
         dynamic_size = export(model, written_to, args.fmt, args.img_size, args.opset, args.exporter, traced=traced)
         steps.update()
         if not args.no_verify:
-            shapes = verify_shapes(args.img_size, dynamic_size)
+            shapes = ([(args.batch_size, 3, args.img_size, args.img_size)] if args.batch_size
+                      else verify_shapes(args.img_size, dynamic_size))
             steps.set_description(f'{args.fmt}: checking against PyTorch')
             errors = verify(model, written_to, args.fmt, shapes)
             steps.update()
@@ -543,9 +567,10 @@ def main(argv: Optional[Sequence[str]] = None):
     steps.close()
     written = [args.output.with_suffix(suffix) for suffix in written_suffixes(args.fmt)]
     details = f', opset {args.opset}, {args.exporter} exporter' if args.fmt == 'onnx' else ''
+    static = f', static: batches of {args.batch_size} {args.img_size}x{args.img_size} images' if args.batch_size else ''
     print(f'wrote {" and ".join(map(str, written))} ({args.model}, {args.fmt}{details}'
-          f'{", INT8" if args.int8 else ""}, {"training" if args.training_form else "inference"} form)')
-    if not dynamic_size:
+          f'{", INT8" if args.int8 else ""}, {"training" if args.training_form else "inference"} form{static})')
+    if not dynamic_size and not args.batch_size:
         print(f'note: the graph of {args.model} depends on the input size, so the export takes '
               f'{args.img_size}x{args.img_size} images only (any batch)')
     if args.no_verify:

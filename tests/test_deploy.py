@@ -245,16 +245,26 @@ def test_export_runs_in_its_runtime_like_pytorch(name, fmt, traced_models, tmp_p
 
 @pytest.mark.slow
 def test_export_command_to_a_new_folder_twice(tmp_path, capsys, shallow_fat_b0):
+    """The second run, static (``--batch-size 2``), replaces the first's files: a model of any batch and size, then
+    one of batches of two 64-pixel images only, each checked against PyTorch at the shapes it takes."""
     skip_without_runtime('openvino')
+    import openvino
+
     output = tmp_path / 'new' / 'folder' / 'fat_b0.xml'
     signal_stack = export.signal_stack()
-    for _ in range(2):  # the second run replaces the first's files
-        export.main(['--model', 'fat_b0', '--format', 'openvino', '--output', str(output), '--img-size', '64'])
+    for static, form in (([], ''), (['--batch-size', '2'], ', static: batches of 2 64x64 images')):
+        export.main(['--model', 'fat_b0', '--format', 'openvino', '--output', str(output), '--img-size', '64',
+                     *static])
         printed = capsys.readouterr().out
-        assert f'wrote {output} and {output.with_suffix(".bin")} (fat_b0, openvino, inference form)' in printed
-        errors = [float(line.rsplit(' ', 1)[1]) for line in printed.splitlines() if 'relative error' in line]
-        assert len(errors) == 2 and max(errors) <= 1e-4
+        written = f'wrote {output} and {output.with_suffix(".bin")} (fat_b0, openvino, inference form{form})'
+        assert written in printed
+        checks = re.findall(r'vs PyTorch, input (\(.*\)): relative error (\S+)', printed)
+        expected_shapes = ['(2, 3, 64, 64)'] if static else ['(1, 3, 64, 64)', '(3, 3, 56, 48)']
+        assert [shape for shape, _ in checks] == expected_shapes
+        assert max(float(error) for _, error in checks) <= 1e-4
         assert sorted(path.name for path in output.parent.iterdir()) == ['fat_b0.bin', 'fat_b0.xml']
+        shape = openvino.Core().read_model(str(output)).inputs[0].get_partial_shape()
+        assert shape.is_static == bool(static) and (not static or shape.to_shape() == [2, 3, 64, 64])
     assert export.signal_stack() == signal_stack  # OpenVINO's left none of its own (OpenVINOModel)
 
 
@@ -326,6 +336,13 @@ def test_export_names_a_checkpoint_of_another_variant(tmp_path, monkeypatch):
     (['--format', 'coreml', '--output', 'x.onnx'], '--output of --format coreml must end in .mlpackage'),
     (['--format', 'torch-export', '--output', 'x.pt2', '--training-form'],
      '--format torch-export goes through timmx, which exports the inference form'),
+    (['--format', 'openvino', '--output', 'x.xml', '--batch-size', '0'], '--batch-size must be at least 1'),
+    (['--format', 'torch-export', '--output', 'x.pt2', '--batch-size', '1'],
+     '--batch-size applies to --format onnx, openvino, executorch (ONNX: the dynamo exporter)'),
+    (['--format', 'onnx', '--output', 'x.onnx', '--exporter', 'torchscript', '--batch-size', '1'],
+     '--batch-size applies to --format onnx, openvino, executorch (ONNX: the dynamo exporter)'),
+    (['--format', 'executorch', '--output', 'x.pte', '--batch-size', '1', '--int8', '--calibration-data', '.'],
+     "--batch-size applies to float32 exports: --int8 keeps the float32 export's shapes"),
 ])
 def test_export_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
