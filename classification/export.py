@@ -231,7 +231,7 @@ def trace(model: torch.nn.Module, img_size: int, fmt: str, batch_size: Optional[
     depends on the input size (a window partition fixed at trace time, say) keeps its batch dynamic and the
     example's size. With ``batch_size``, the program takes that batch of ``img_size`` images only (the benchmark's
     static graphs, ``--batch-size``)."""
-    with graph_forms.recording_for_xnnpack() if graph_form(fmt) == 'xnnpack' else contextlib.nullcontext():
+    with graph_forms.recording_for_xnnpack(graph_form(fmt) == 'xnnpack'):
         return _trace(model, img_size, fmt, batch_size)
 
 
@@ -335,8 +335,7 @@ def export_with_timmx(model: torch.nn.Module, name: str, output: Path, fmt: str,
             options.update(mode='int8', calibration_data=images, batch_size=batch_size, verify=False)
         # INT8 for XNNPACK in XNNPACK's forms: PT2E's conversion folds the weights they compute into constants, as
         # lower_to_xnnpack does for float32
-        in_xnnpack_forms = calibration is not None and graph_form(fmt) == 'xnnpack'
-        with graph_forms.recording_for_xnnpack() if in_xnnpack_forms else contextlib.nullcontext():
+        with graph_forms.recording_for_xnnpack(calibration is not None and graph_form(fmt) == 'xnnpack'):
             timmx.export_model(fmt, name, checkpoint=weights, num_classes=model.num_classes,
                                input_size=(3, img_size, img_size), output=staged, **options)
 
@@ -419,9 +418,13 @@ def verify(model: torch.nn.Module, path: Path, fmt: str, shapes: Sequence[Tuple[
     return errors
 
 
-def verify_shapes(img_size: int, dynamic_size: bool) -> List[Tuple[int, int, int, int]]:
+def verify_shapes(img_size: int, dynamic_size: bool,
+                  batch_size: Optional[int] = None) -> List[Tuple[int, int, int, int]]:
     """The inputs a check runs: one image at the example size, and three more, at a nearby size whose height and
-    width are not multiples of 32 if the export takes any size (smaller, unless the example is small)."""
+    width are not multiples of 32 if the export takes any size (smaller, unless the example is small); for a static
+    program (``batch_size``), its one shape."""
+    if batch_size is not None:
+        return [(batch_size, 3, img_size, img_size)]
     if not dynamic_size:
         return [(1, 3, img_size, img_size), (3, 3, img_size, img_size)]
     step = -1 if img_size >= 64 else 1
@@ -555,8 +558,7 @@ def main(argv: Optional[Sequence[str]] = None):
         dynamic_size = export(model, written_to, args.fmt, args.img_size, args.opset, args.exporter, traced=traced)
         steps.update()
         if not args.no_verify:
-            shapes = ([(args.batch_size, 3, args.img_size, args.img_size)] if args.batch_size
-                      else verify_shapes(args.img_size, dynamic_size))
+            shapes = verify_shapes(args.img_size, dynamic_size, args.batch_size)
             steps.set_description(f'{args.fmt}: checking against PyTorch')
             errors = verify(model, written_to, args.fmt, shapes)
             steps.update()

@@ -36,13 +36,13 @@ def tracing_for_deployment() -> bool:
 
 
 @contextlib.contextmanager
-def recording_for_xnnpack() -> Iterator[None]:
-    """Within it, a graph recorded for deployment is for ExecuTorch's XNNPACK delegate and takes its forms; its
-    program must then fold the constants that those forms compute from the weights (ExecuTorch's
+def recording_for_xnnpack(enabled: bool = True) -> Iterator[None]:
+    """Within it (where ``enabled``), a graph recorded for deployment is for ExecuTorch's XNNPACK delegate and takes
+    its forms; its program must then fold the constants that those forms compute from the weights (ExecuTorch's
     ``constant_prop_pass``) before XNNPACK's partitioner sees it, which delegates only convolutions of constant
     weights."""
     global _recording_for_xnnpack
-    recording, _recording_for_xnnpack = _recording_for_xnnpack, True
+    recording, _recording_for_xnnpack = _recording_for_xnnpack, _recording_for_xnnpack or enabled
     try:
         yield
     finally:
