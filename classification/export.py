@@ -91,6 +91,10 @@ class RuntimeMissing(RuntimeError):
     """The package of a runtime is not installed."""
 
 
+class UnreadableExport(RuntimeError):
+    """A file that its runtime cannot load (not an export, truncated, of another format)."""
+
+
 def require(fmt: str):
     """Import the packages a format needs, or raise RuntimeMissing naming them."""
     if fmt in TIMMX_FORMATS:
@@ -369,8 +373,18 @@ def export(model: torch.nn.Module, output: Path, fmt: str, img_size: int = 224, 
 
 def load_runtime(path: Path, fmt: str, threads: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
     """The exported model at ``path`` in its runtime, as a function of a float32 NCHW array to the logits.
-    ``threads``: the runtime's CPU threads (its default if None)."""
+    ``threads``: the runtime's CPU threads (its default if None). Raises UnreadableExport if the runtime cannot
+    load the file."""
     require(fmt)
+    try:
+        return _load_runtime(path, fmt, threads)
+    except Exception as error:  # each runtime raises its own types; the last line of its message names the problem
+        problem = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        runtime = {'onnx': 'ONNX Runtime', 'openvino': 'OpenVINO', 'executorch': 'ExecuTorch'}.get(fmt, fmt)
+        raise UnreadableExport(f'{runtime} cannot load {path}: {problem[-1].strip()}') from error
+
+
+def _load_runtime(path: Path, fmt: str, threads: Optional[int]) -> Callable[[np.ndarray], np.ndarray]:
     if fmt == 'onnx':
         import onnxruntime
 
@@ -400,6 +414,33 @@ def load_runtime(path: Path, fmt: str, threads: Optional[int] = None) -> Callabl
         _unsafe_reset_threadpool(threads)  # XNNPACK's thread pool, shared by every program of the process
     method = Runtime.get().load_program(path).load_method('forward')
     return lambda images: method.execute([torch.from_numpy(images)])[0].numpy()
+
+
+def input_dims(path: Path, fmt: str) -> Tuple[Optional[int], ...]:
+    """The input shape of the exported model at ``path`` (ONNX, OpenVINO or ExecuTorch), None where a dimension
+    is dynamic (an ExecuTorch program's are all fixed, or all dynamic within its bounds)."""
+    require(fmt)
+    if fmt == 'onnx':
+        import onnx
+
+        dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+        return tuple(dim.dim_value if dim.HasField('dim_value') else None for dim in dims)
+    if fmt == 'openvino':
+        import openvino
+
+        shape = openvino.Core().read_model(str(path)).inputs[0].get_partial_shape()
+        return tuple(dim.get_length() if dim.is_static else None for dim in shape)
+    if fmt != 'executorch':
+        raise ValueError(f'input_dims reads onnx, openvino or executorch files, got {fmt!r}')
+    from executorch.exir._serialize._program import deserialize_pte_binary
+    from executorch.exir.schema import TensorShapeDynamism
+
+    plans = deserialize_pte_binary(path.read_bytes()).program.execution_plan
+    plan = next(plan for plan in plans if plan.name == 'forward')
+    tensor = plan.values[plan.inputs[0]].val
+    if tensor.shape_dynamism == TensorShapeDynamism.STATIC:
+        return tuple(tensor.sizes)
+    return (None,) * len(tensor.sizes)
 
 
 def verify(model: torch.nn.Module, path: Path, fmt: str, shapes: Sequence[Tuple[int, int, int, int]]) -> List[float]:

@@ -8,8 +8,10 @@ folder of ``classification.publish``. The preprocessing is evaluation's (``data.
 checkpoint's recorded image size, interpolation and crop, else of the defaults); the class names are those the
 trainer recorded in the checkpoint (its training split's class folders; a published folder's label names), else
 ImageNet's for 1000 classes, else the indices. ``--backend RUNTIME FILE`` runs a file of ``classification.export``
-in its runtime through the same code (``--checkpoint`` then only names the classes and the preprocessing). A file
-that is not a readable image is named in one line and left out; the others are still classified.
+in its runtime through the same code (``--checkpoint`` then only names the classes and the preprocessing); a file
+that fixes its input (``classification.export --batch-size``: a static program) is run in batches of its batch size,
+the last filled up, on images preprocessed to its size. A file that is not a readable image is named in one line
+and left out; the others are still classified.
 """
 import argparse
 import csv
@@ -161,6 +163,27 @@ def runner(args: argparse.Namespace) -> Callable[[torch.Tensor], torch.Tensor]:
     return run_model
 
 
+def fixed_input(args: argparse.Namespace) -> Tuple[Optional[int], Optional[int]]:
+    """The batch and the image size that the ``--backend`` file fixes (a static program: ``classification.export
+    --batch-size``), None for those it leaves free."""
+    if not args.backend:
+        return None, None
+    runtime, path = args.backend
+    batch, _, height, width = export.input_dims(Path(path), RUNTIMES[runtime])
+    if height != width:
+        sys.exit(f'error: {path} takes {height or "any"}x{width or "any"} images; prediction crops square ones')
+    return batch, height
+
+
+def filled_to(batch_size: int, run: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``run`` of a program that takes batches of ``batch_size`` only, for a batch of at most that many images: the
+    missing ones are zeros, whose outputs are dropped."""
+    def run_filled(images: torch.Tensor) -> torch.Tensor:
+        filler = images.new_zeros(batch_size - len(images), *images.shape[1:])
+        return run(torch.cat([images, filler]))[:len(images)]
+    return run_filled
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=program_name(__spec__.name), description=__doc__.splitlines()[0])
     parser.add_argument('images', nargs='+', metavar='IMAGE_OR_FOLDER')
@@ -168,7 +191,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='a registered FAT or LVT model (fat_b0, lvt_cls, ...)')
     parser.add_argument('--checkpoint', help='weights (any checkpoint the project reads; default: random weights)')
     parser.add_argument('--top-k', type=int, default=5, help='classes per image (default: 5)')
-    parser.add_argument('--batch-size', type=int, default=32, help='images per forward pass (default: 32)')
+    parser.add_argument('--batch-size', type=int, default=32,
+                        help="images per forward pass (default: 32; a static program's own with --backend)")
     parser.add_argument('--output', type=Path, help='write the predictions to a .csv or .json file')
     parser.add_argument('--backend', nargs=2, metavar=('RUNTIME', 'FILE'),
                         help='run an exported FILE in RUNTIME (onnxruntime, openvino, executorch) instead of PyTorch')
@@ -192,10 +216,18 @@ def main(argv: Optional[Sequence[str]] = None):
     try:
         checkpoint = load_checkpoint_file(args.checkpoint) if args.checkpoint else None
         checkpoint = checkpoint if isinstance(checkpoint, dict) else None
-        transform = preprocessing(args.model, checkpoint)
         run = runner(args)
-    except (CheckpointError, UnsafeCheckpointError, ConfigError, FileNotFoundError, export.RuntimeMissing) as error:
+        fixed_batch, fixed_size = fixed_input(args)
+        transform = preprocessing(args.model, checkpoint, fixed_size)
+    except (CheckpointError, UnsafeCheckpointError, ConfigError, FileNotFoundError, export.RuntimeMissing,
+            export.UnreadableExport) as error:
         sys.exit(f'error: {error}')
+    if fixed_batch:
+        run, args.batch_size = filled_to(fixed_batch, run), fixed_batch
+    if fixed_batch or fixed_size:
+        size = f' of {fixed_size}x{fixed_size} pixels' if fixed_size else ''
+        print(f'{args.backend[1]} fixes its input: predicting in batches of {args.batch_size} image(s){size}',
+              file=sys.stderr)
     skipped = []
 
     def skip(path: str, problem: str):

@@ -11,7 +11,7 @@ from torchvision import transforms
 
 from classification import export
 from classification.checkpoint_io import load_checkpoint_file
-from classification.predict import main
+from classification.predict import main, preprocessing
 
 CLASSES = ['bar', 'disc', 'noise']  # write_image_folder's class folders, sorted: the trainer's labels
 
@@ -84,6 +84,18 @@ def test_bad_arguments_are_named(argv, message, tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('runtime, module, name, suffix', [
+    ('onnxruntime', 'onnxruntime', 'ONNX Runtime', '.onnx'), ('openvino', 'openvino', 'OpenVINO', '.xml'),
+    ('executorch', 'executorch.runtime', 'ExecuTorch', '.pte')])
+def test_a_file_that_is_not_an_export_is_named(runtime, module, name, suffix, tmp_path):
+    pytest.importorskip(module, reason=f'{runtime} is not installed (make setup-extras)')
+    Image.new('RGB', (40, 40)).save(tmp_path / 'image.png')
+    broken = tmp_path / f'model{suffix}'
+    broken.write_text('not a model')
+    with pytest.raises(SystemExit, match=rf'^error: {name} cannot load {broken}: .'):
+        main([str(tmp_path / 'image.png'), '--model', 'fat_b0', '--backend', runtime, str(broken)])
+
+
 def test_nothing_readable_is_an_error(tmp_path):
     (tmp_path / 'broken.png').write_bytes(b'not an image')
     with pytest.raises(SystemExit, match=r'error: no image could be read \(1 skipped\)'):
@@ -117,3 +129,37 @@ def test_an_exported_model_predicts_what_pytorch_does(tmp_path):
         assert [entry['name'] for entry in ours['top']] == [entry['name'] for entry in theirs['top']]
         assert [entry['probability'] for entry in ours['top']] == pytest.approx(
             [entry['probability'] for entry in theirs['top']], abs=1e-5)
+
+
+@pytest.mark.parametrize('runtime, fmt', [('onnxruntime', 'onnx'), ('openvino', 'openvino'),
+                                          pytest.param('executorch', 'executorch', marks=pytest.mark.slow)])
+def test_a_static_program_predicts_in_its_own_batch_and_size(runtime, fmt, tmp_path, capsys):
+    """A program of batches of 2 images of 40 pixels, given 3 images by a checkpoint that evaluated at 32: two
+    batches, the last filled up, of images preprocessed to 40 pixels."""
+    pytest.importorskip({'onnx': 'onnxruntime', 'openvino': 'openvino', 'executorch': 'executorch.runtime'}[fmt],
+                        reason=f'{runtime} is not installed (make setup-extras)')
+    torch.manual_seed(0)
+    classifier = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(),
+                                     torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3)).eval()
+    program = tmp_path / f'static{export.FORMATS[fmt]}'
+    export.export(classifier, program, fmt, img_size=40, traced=export.trace(classifier, 40, fmt, batch_size=2))
+    assert export.input_dims(program, fmt) == (2, 3, 40, 40)
+    checkpoint = tmp_path / 'classes.pth'
+    torch.save(dict(classes=CLASSES, config='DATA:\n  IMG_SIZE: 32\n'), checkpoint)
+    images = []
+    for index, color in enumerate([(250, 20, 20), (20, 250, 20), (20, 20, 250)]):
+        images.append(tmp_path / f'{index}.png')
+        Image.new('RGB', (90, 70), color).save(images[-1])
+    output = tmp_path / 'predictions.json'
+    main([*map(str, images), '--model', 'fat_b0', '--checkpoint', str(checkpoint), '--top-k', '3', '--output',
+          str(output), '--backend', runtime, str(program)])
+    assert f'{program} fixes its input: predicting in batches of 2 image(s) of 40x40 pixels' in capsys.readouterr().err
+    preprocess = preprocessing('fat_b0', load_checkpoint_file(str(checkpoint)), img_size=40)
+    with torch.no_grad():
+        expected = classifier(torch.stack([preprocess(Image.open(path).convert('RGB')) for path in images]))
+    predictions = json.loads(output.read_text())
+    assert [prediction['image'] for prediction in predictions] == list(map(str, images))
+    for prediction, probabilities in zip(predictions, expected.softmax(dim=-1)):
+        top = probabilities.topk(3)
+        assert [entry['name'] for entry in prediction['top']] == [CLASSES[index] for index in top.indices]
+        assert [entry['probability'] for entry in prediction['top']] == pytest.approx(top.values.tolist(), abs=1e-5)
