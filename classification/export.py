@@ -79,6 +79,7 @@ FORMATS = {'onnx': '.onnx', 'openvino': '.xml', 'executorch': '.pte'}  # the fil
 # (so that those three stay this module's, with any height and width). torch.export's takes any batch.
 TIMMX_FORMATS = {'torch-export': '.pt2', 'coreml': '.mlpackage', 'litert': '.tflite', 'tensorrt': '.engine'}
 SUFFIXES = {**FORMATS, **TIMMX_FORMATS}
+RUNTIME_NAMES = {'onnx': 'ONNX Runtime', 'openvino': 'OpenVINO', 'executorch': 'ExecuTorch'}
 INT8_FORMATS = ('onnx', 'openvino', 'executorch')  # --int8: int8.QUANTIZERS, timmx (XNNPACK) for ExecuTorch
 
 
@@ -378,10 +379,16 @@ def load_runtime(path: Path, fmt: str, threads: Optional[int] = None) -> Callabl
     require(fmt)
     try:
         return _load_runtime(path, fmt, threads)
-    except Exception as error:  # each runtime raises its own types; the last line of its message names the problem
-        problem = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-        runtime = {'onnx': 'ONNX Runtime', 'openvino': 'OpenVINO', 'executorch': 'ExecuTorch'}.get(fmt, fmt)
-        raise UnreadableExport(f'{runtime} cannot load {path}: {problem[-1].strip()}') from error
+    except Exception as error:  # each runtime raises its own types
+        raise UnreadableExport(f'{RUNTIME_NAMES.get(fmt, fmt)} cannot load {path}: {runtime_problem(error)}') \
+            from error
+
+
+def runtime_problem(error: Exception) -> str:
+    """What a runtime's exception says in its last line, which names the problem (ONNX Runtime, OpenVINO and
+    ExecuTorch put the call's context in the lines before it)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def _load_runtime(path: Path, fmt: str, threads: Optional[int]) -> Callable[[np.ndarray], np.ndarray]:
@@ -416,22 +423,27 @@ def _load_runtime(path: Path, fmt: str, threads: Optional[int]) -> Callable[[np.
     return lambda images: method.execute([torch.from_numpy(images)])[0].numpy()
 
 
-def input_dims(path: Path, fmt: str) -> Tuple[Optional[int], ...]:
-    """The input shape of the exported model at ``path`` (ONNX, OpenVINO or ExecuTorch), None where a dimension
-    is dynamic (an ExecuTorch program's are all fixed, or all dynamic within its bounds)."""
+class InputShape(NamedTuple):
+    fixed: Tuple[Optional[int], ...]  # each dimension's size where the file fixes it, else None
+    max_batch: Optional[int]  # the largest batch of a bounded dynamic batch (ExecuTorch), else None
+
+
+def input_shape(path: Path, fmt: str) -> InputShape:
+    """The input shape of the exported model at ``path`` (ONNX, OpenVINO or ExecuTorch). An ExecuTorch program's
+    dimensions are all fixed, or all dynamic within the bounds it was planned for."""
     require(fmt)
     if fmt == 'onnx':
         import onnx
 
         dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-        return tuple(dim.dim_value if dim.HasField('dim_value') else None for dim in dims)
+        return InputShape(tuple(dim.dim_value if dim.HasField('dim_value') else None for dim in dims), None)
     if fmt == 'openvino':
         import openvino
 
         shape = openvino.Core().read_model(str(path)).inputs[0].get_partial_shape()
-        return tuple(dim.get_length() if dim.is_static else None for dim in shape)
+        return InputShape(tuple(dim.get_length() if dim.is_static else None for dim in shape), None)
     if fmt != 'executorch':
-        raise ValueError(f'input_dims reads onnx, openvino or executorch files, got {fmt!r}')
+        raise ValueError(f'input_shape reads onnx, openvino or executorch files, got {fmt!r}')
     from executorch.exir._serialize._program import deserialize_pte_binary
     from executorch.exir.schema import TensorShapeDynamism
 
@@ -439,8 +451,8 @@ def input_dims(path: Path, fmt: str) -> Tuple[Optional[int], ...]:
     plan = next(plan for plan in plans if plan.name == 'forward')
     tensor = plan.values[plan.inputs[0]].val
     if tensor.shape_dynamism == TensorShapeDynamism.STATIC:
-        return tuple(tensor.sizes)
-    return (None,) * len(tensor.sizes)
+        return InputShape(tuple(tensor.sizes), None)
+    return InputShape((None,) * len(tensor.sizes), tensor.sizes[0])
 
 
 def verify(model: torch.nn.Module, path: Path, fmt: str, shapes: Sequence[Tuple[int, int, int, int]]) -> List[float]:

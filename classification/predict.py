@@ -10,8 +10,9 @@ trainer recorded in the checkpoint (its training split's class folders; a publis
 ImageNet's for 1000 classes, else the indices. ``--backend RUNTIME FILE`` runs a file of ``classification.export``
 in its runtime through the same code (``--checkpoint`` then only names the classes and the preprocessing); a file
 that fixes its input (``classification.export --batch-size``: a static program) is run in batches of its batch size,
-the last filled up, on images preprocessed to its size. A file that is not a readable image is named in one line
-and left out; the others are still classified.
+the last filled up, on images preprocessed to its size; an ExecuTorch program of a bounded batch in batches of at
+most its bound. A file that its runtime cannot load, or a batch that it refuses, stops prediction with one line. A
+file that is not a readable image is named in one line and left out; the others are still classified.
 """
 import argparse
 import csv
@@ -148,13 +149,24 @@ def write_predictions(predictions: List[Dict], output: Path):
                                  f"{entry['probability']:.6f}"])
 
 
+class BackendFailed(RuntimeError):
+    """The runtime of ``--backend`` refused a batch (an input shape that the exported file does not take)."""
+
+
 def runner(args: argparse.Namespace) -> Callable[[torch.Tensor], torch.Tensor]:
     """The model (in PyTorch, its inference form; or the exported file in its runtime) as a function of a batch of
     images to their logits."""
     if args.backend:
         runtime, path = args.backend
         run_array = export.load_runtime(Path(path), RUNTIMES[runtime])
-        return lambda images: torch.from_numpy(np.asarray(run_array(images.numpy())))
+
+        def run_file(images: torch.Tensor) -> torch.Tensor:
+            try:
+                return torch.from_numpy(np.asarray(run_array(images.numpy())))
+            except Exception as error:  # each runtime raises its own types
+                raise BackendFailed(f'{export.RUNTIME_NAMES[RUNTIMES[runtime]]} could not run {path} on a batch of '
+                                    f'shape {tuple(images.shape)}: {export.runtime_problem(error)}') from error
+        return run_file
     model = export.build_model(args.model, Path(args.checkpoint) if args.checkpoint else None)
 
     def run_model(images: torch.Tensor) -> torch.Tensor:
@@ -163,16 +175,16 @@ def runner(args: argparse.Namespace) -> Callable[[torch.Tensor], torch.Tensor]:
     return run_model
 
 
-def fixed_input(args: argparse.Namespace) -> Tuple[Optional[int], Optional[int]]:
+def file_input(args: argparse.Namespace) -> Tuple[Optional[int], Optional[int], Optional[int]]:
     """The batch and the image size that the ``--backend`` file fixes (a static program: ``classification.export
-    --batch-size``), None for those it leaves free."""
+    --batch-size``), and the largest batch it takes (ExecuTorch's bounded dynamic programs); None where any."""
     if not args.backend:
-        return None, None
+        return None, None, None
     runtime, path = args.backend
-    batch, _, height, width = export.input_dims(Path(path), RUNTIMES[runtime])
+    (batch, _, height, width), max_batch = export.input_shape(Path(path), RUNTIMES[runtime])
     if height != width:
         sys.exit(f'error: {path} takes {height or "any"}x{width or "any"} images; prediction crops square ones')
-    return batch, height
+    return batch, max_batch, height
 
 
 def filled_to(batch_size: int, run: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -192,7 +204,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--checkpoint', help='weights (any checkpoint the project reads; default: random weights)')
     parser.add_argument('--top-k', type=int, default=5, help='classes per image (default: 5)')
     parser.add_argument('--batch-size', type=int, default=32,
-                        help="images per forward pass (default: 32; a static program's own with --backend)")
+                        help="images per forward pass (default: 32; with --backend, a static program's own, and at "
+                             "most an ExecuTorch program's largest)")
     parser.add_argument('--output', type=Path, help='write the predictions to a .csv or .json file')
     parser.add_argument('--backend', nargs=2, metavar=('RUNTIME', 'FILE'),
                         help='run an exported FILE in RUNTIME (onnxruntime, openvino, executorch) instead of PyTorch')
@@ -204,8 +217,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.backend:
         if args.backend[0] not in RUNTIMES:
             parser.error(f'--backend: the runtime is one of {", ".join(RUNTIMES)}, got {args.backend[0]!r}')
-        if args.backend[0] == 'executorch':  # its programs take batches up to the exporter's bound
-            args.batch_size = min(args.batch_size, export.MAX_EXECUTORCH_BATCH)
         if not os.path.isfile(args.backend[1]):
             parser.error(f'--backend: {args.backend[1]} not found')
     return args
@@ -217,13 +228,15 @@ def main(argv: Optional[Sequence[str]] = None):
         checkpoint = load_checkpoint_file(args.checkpoint) if args.checkpoint else None
         checkpoint = checkpoint if isinstance(checkpoint, dict) else None
         run = runner(args)
-        fixed_batch, fixed_size = fixed_input(args)
+        fixed_batch, max_batch, fixed_size = file_input(args)
         transform = preprocessing(args.model, checkpoint, fixed_size)
     except (CheckpointError, UnsafeCheckpointError, ConfigError, FileNotFoundError, export.RuntimeMissing,
             export.UnreadableExport) as error:
         sys.exit(f'error: {error}')
     if fixed_batch:
         run, args.batch_size = filled_to(fixed_batch, run), fixed_batch
+    elif max_batch:
+        args.batch_size = min(args.batch_size, max_batch)
     if fixed_batch or fixed_size:
         size = f' of {fixed_size}x{fixed_size} pixels' if fixed_size else ''
         print(f'{args.backend[1]} fixes its input: predicting in batches of {args.batch_size} image(s){size}',
@@ -235,12 +248,15 @@ def main(argv: Optional[Sequence[str]] = None):
         print(f'skipped {path}: {problem}', file=sys.stderr)
 
     predictions = []
-    for prediction in predict(run, list(image_files(args.images)), transform,
-                              lambda num_classes: class_names(checkpoint, num_classes), args.top_k, args.batch_size,
-                              skip):
-        predictions.append(prediction)
-        print(f"{prediction['image']}: " + '; '.join(f"{entry['name']} ({entry['probability']:.1%})"
-                                                     for entry in prediction['top']))
+    try:
+        for prediction in predict(run, list(image_files(args.images)), transform,
+                                  lambda num_classes: class_names(checkpoint, num_classes), args.top_k,
+                                  args.batch_size, skip):
+            predictions.append(prediction)
+            print(f"{prediction['image']}: " + '; '.join(f"{entry['name']} ({entry['probability']:.1%})"
+                                                         for entry in prediction['top']))
+    except BackendFailed as error:
+        sys.exit(f'error: {error}' + (f'; nothing written to {args.output}' if args.output is not None else ''))
     if args.output is not None:
         write_predictions(predictions, args.output)
         print(f'wrote {len(predictions)} predictions to {args.output}')

@@ -102,6 +102,15 @@ def test_nothing_readable_is_an_error(tmp_path):
         main([str(tmp_path), '--model', 'fat_b0'])
 
 
+def write_images(folder, count: int) -> list:
+    """``count`` (up to 4) plain-coloured 90x70 PNG images in ``folder``."""
+    images = []
+    for index, color in enumerate([(250, 20, 20), (20, 250, 20), (20, 20, 250), (128, 128, 128)][:count]):
+        images.append(folder / f'{index}.png')
+        Image.new('RGB', (90, 70), color).save(images[-1])
+    return images
+
+
 @pytest.mark.slow
 def test_an_exported_model_predicts_what_pytorch_does(tmp_path):
     pytest.importorskip('onnxruntime', reason='onnxruntime is not installed (make setup-extras)')
@@ -114,10 +123,7 @@ def test_an_exported_model_predicts_what_pytorch_does(tmp_path):
     exported = tmp_path / 'fat_b0.onnx'  # through the faster of the two exporters: test_deploy covers both
     export.main(['--model', 'fat_b0', '--checkpoint', str(checkpoint), '--format', 'onnx', '--output', str(exported),
                  '--img-size', '64', '--exporter', 'torchscript'])
-    images = []
-    for index, color in enumerate([(250, 20, 20), (20, 250, 20), (20, 20, 250), (128, 128, 128)]):
-        images.append(tmp_path / f'{index}.png')
-        Image.new('RGB', (90, 70), color).save(images[-1])
+    images = write_images(tmp_path, 4)
     outputs = {}
     for name, backend in (('torch', []), ('onnx', ['--backend', 'onnxruntime', str(exported)])):
         outputs[name] = tmp_path / f'{name}.json'
@@ -131,6 +137,13 @@ def test_an_exported_model_predicts_what_pytorch_does(tmp_path):
             [entry['probability'] for entry in theirs['top']], abs=1e-5)
 
 
+def tiny_classifier() -> torch.nn.Module:
+    """A classifier of any input size into CLASSES, quick to export to every runtime."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(8, len(CLASSES))).eval()
+
+
 @pytest.mark.parametrize('runtime, fmt', [('onnxruntime', 'onnx'), ('openvino', 'openvino'),
                                           pytest.param('executorch', 'executorch', marks=pytest.mark.slow)])
 def test_a_static_program_predicts_in_its_own_batch_and_size(runtime, fmt, tmp_path, capsys):
@@ -138,18 +151,13 @@ def test_a_static_program_predicts_in_its_own_batch_and_size(runtime, fmt, tmp_p
     batches, the last filled up, of images preprocessed to 40 pixels."""
     pytest.importorskip({'onnx': 'onnxruntime', 'openvino': 'openvino', 'executorch': 'executorch.runtime'}[fmt],
                         reason=f'{runtime} is not installed (make setup-extras)')
-    torch.manual_seed(0)
-    classifier = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(),
-                                     torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3)).eval()
+    classifier = tiny_classifier()
     program = tmp_path / f'static{export.FORMATS[fmt]}'
     export.export(classifier, program, fmt, img_size=40, traced=export.trace(classifier, 40, fmt, batch_size=2))
-    assert export.input_dims(program, fmt) == (2, 3, 40, 40)
+    assert export.input_shape(program, fmt) == ((2, 3, 40, 40), None)
     checkpoint = tmp_path / 'classes.pth'
     torch.save(dict(classes=CLASSES, config='DATA:\n  IMG_SIZE: 32\n'), checkpoint)
-    images = []
-    for index, color in enumerate([(250, 20, 20), (20, 250, 20), (20, 20, 250)]):
-        images.append(tmp_path / f'{index}.png')
-        Image.new('RGB', (90, 70), color).save(images[-1])
+    images = write_images(tmp_path, 3)
     output = tmp_path / 'predictions.json'
     main([*map(str, images), '--model', 'fat_b0', '--checkpoint', str(checkpoint), '--top-k', '3', '--output',
           str(output), '--backend', runtime, str(program)])
@@ -163,3 +171,50 @@ def test_a_static_program_predicts_in_its_own_batch_and_size(runtime, fmt, tmp_p
         top = probabilities.topk(3)
         assert [entry['name'] for entry in prediction['top']] == [CLASSES[index] for index in top.indices]
         assert [entry['probability'] for entry in prediction['top']] == pytest.approx(top.values.tolist(), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_an_executorch_program_of_a_smaller_batch_bound_predicts_in_batches_within_it(tmp_path):
+    """A program that ExecuTorch planned for batches of at most 2 (the exporter's bound is 8), given 3 images: two
+    batches within the bound, predicting what the classifier does."""
+    pytest.importorskip('executorch.runtime', reason='executorch is not installed (make setup-extras)')
+    classifier = tiny_classifier()
+    with torch.no_grad():
+        traced = export.Traced(torch.export.export(classifier, (torch.randn(2, 3, 32, 32),), dynamic_shapes=(
+            {0: torch.export.Dim('batch', min=1, max=2)},)), False)
+    program = tmp_path / 'batch_up_to_2.pte'
+    export.export_executorch(traced, program)
+    assert export.input_shape(program, 'executorch') == ((None,) * 4, 2)
+    checkpoint = tmp_path / 'classes.pth'
+    torch.save(dict(classes=CLASSES, config='DATA:\n  IMG_SIZE: 32\n'), checkpoint)
+    images = write_images(tmp_path, 3)
+    output = tmp_path / 'predictions.json'
+    main([*map(str, images), '--model', 'fat_b0', '--checkpoint', str(checkpoint), '--top-k', '1', '--output',
+          str(output), '--backend', 'executorch', str(program)])
+    preprocess = preprocessing('fat_b0', load_checkpoint_file(str(checkpoint)))
+    with torch.no_grad():
+        expected = classifier(torch.stack([preprocess(Image.open(path).convert('RGB')) for path in images]))
+    predictions = json.loads(output.read_text())
+    assert [prediction['top'][0]['probability'] for prediction in predictions] == pytest.approx(
+        expected.softmax(dim=-1).max(dim=-1).values.tolist(), abs=1e-5)
+
+
+def test_a_batch_that_the_runtime_refuses_stops_in_one_line(tmp_path, monkeypatch):
+    """A runtime's own exception (its context, then the problem in the last line) on a batch: that line, the
+    batch's shape, and no --output file."""
+    def refusing_runtime(path, fmt):
+        def run(images):
+            raise RuntimeError(f'in {fmt}: method->execute()\ninput of shape {images.shape} is not planned for')
+        return run
+    monkeypatch.setattr(export, 'load_runtime', refusing_runtime)
+    program = tmp_path / 'model.pte'
+    program.write_bytes(b'read by the stand-in runtime only')
+    monkeypatch.setattr(export, 'input_shape', lambda path, fmt: export.InputShape((None,) * 4, 8))
+    images = write_images(tmp_path, 3)
+    output = tmp_path / 'predictions.csv'
+    with pytest.raises(SystemExit, match=rf'^error: ExecuTorch could not run {program} on a batch of shape '
+                                         rf'\(3, 3, 224, 224\): input of shape \(3, 3, 224, 224\) is not planned '
+                                         rf'for; nothing written to {output}$'):
+        main([*map(str, images), '--model', 'fat_b0', '--output', str(output), '--backend', 'executorch',
+              str(program)])
+    assert not output.exists()
