@@ -181,7 +181,10 @@ def file_input(args: argparse.Namespace) -> Tuple[Optional[int], Optional[int], 
     if not args.backend:
         return None, None, None
     runtime, path = args.backend
-    (batch, _, height, width), max_batch = export.input_shape(Path(path), RUNTIMES[runtime])
+    dims, max_batch = export.input_shape(Path(path), RUNTIMES[runtime])
+    if len(dims) != 4:
+        sys.exit(f'error: {path} takes a {len(dims)}-d input; prediction feeds batches of images (N, 3, H, W)')
+    batch, _, height, width = dims
     if height != width:
         sys.exit(f'error: {path} takes {height or "any"}x{width or "any"} images; prediction crops square ones')
     return batch, max_batch, height

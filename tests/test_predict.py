@@ -2,6 +2,7 @@
 PyTorch or from an exported file in its runtime."""
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -94,6 +95,24 @@ def test_a_file_that_is_not_an_export_is_named(runtime, module, name, suffix, tm
     broken.write_text('not a model')
     with pytest.raises(SystemExit, match=rf'^error: {name} cannot load {broken}: .'):
         main([str(tmp_path / 'image.png'), '--model', 'fat_b0', '--backend', runtime, str(broken)])
+
+
+class MeanOverPositions(torch.nn.Module):
+    def forward(self, images):
+        return images.mean((2, 3))
+
+
+@pytest.mark.parametrize('model, example, message', [
+    (torch.nn.Linear(4, 3), torch.randn(2, 4), 'takes a 2-d input; prediction feeds batches of images (N, 3, H, W)'),
+    (MeanOverPositions(), torch.randn(1, 3, 32, 48), 'takes 32x48 images; prediction crops square ones')])
+def test_a_file_of_another_input_is_named(model, example, message, tmp_path):
+    """ONNX files of other exporters, whose input prediction cannot feed."""
+    pytest.importorskip('onnxruntime', reason='onnxruntime is not installed (make setup-extras)')
+    foreign = tmp_path / 'foreign.onnx'
+    torch.onnx.export(model, (example,), str(foreign), dynamo=False)
+    Image.new('RGB', (40, 40)).save(tmp_path / 'image.png')
+    with pytest.raises(SystemExit, match=f'^error: {re.escape(str(foreign))} {re.escape(message)}$'):
+        main([str(tmp_path / 'image.png'), '--model', 'fat_b0', '--backend', 'onnxruntime', str(foreign)])
 
 
 def test_nothing_readable_is_an_error(tmp_path):
